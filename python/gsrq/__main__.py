@@ -1,0 +1,5 @@
+import sys
+
+from gsrq.cli import main
+
+sys.exit(main())
