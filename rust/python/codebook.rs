@@ -19,18 +19,27 @@ fn parse_dtype(dtype: &str) -> PyResult<Dtype> {
     })
 }
 
+/// (name, shape, borrowed float32 array) of one tensor.
+type Borrowed<'py> = (String, Vec<usize>, PyReadonlyArrayDyn<'py, f32>);
+
 /// Borrowed float32 arrays of a `dict[str, ndarray]`, kept alive while views exist.
-fn borrow_tensors<'py>(tensors: &Bound<'py, PyDict>) -> PyResult<Vec<(String, Vec<usize>, PyReadonlyArrayDyn<'py, f32>)>> {
+fn borrow_tensors<'py>(tensors: &Bound<'py, PyDict>) -> PyResult<Vec<Borrowed<'py>>> {
     let mut out = Vec::with_capacity(tensors.len());
     for (k, v) in tensors.iter() {
-        let name: String = k
-            .extract()
-            .map_err(|_| to_py(GsrqError::Shape(format!("tensor names must be str, got {k}"))))?;
+        let name: String = k.extract().map_err(|_| {
+            to_py(GsrqError::Shape(format!(
+                "tensor names must be str, got {k}"
+            )))
+        })?;
         let arr: PyReadonlyArrayDyn<'py, f32> = v.extract().map_err(|_| {
-            to_py(GsrqError::Shape(format!("tensor {name} must be a float32 numpy array")))
+            to_py(GsrqError::Shape(format!(
+                "tensor {name} must be a float32 numpy array"
+            )))
         })?;
         if !arr.is_c_contiguous() {
-            return Err(to_py(GsrqError::Shape(format!("tensor {name} must be C-contiguous"))));
+            return Err(to_py(GsrqError::Shape(format!(
+                "tensor {name} must be C-contiguous"
+            ))));
         }
         let shape = arr.shape().to_vec();
         out.push((name, shape, arr));
@@ -38,7 +47,7 @@ fn borrow_tensors<'py>(tensors: &Bound<'py, PyDict>) -> PyResult<Vec<(String, Ve
     Ok(out)
 }
 
-fn views<'a>(owned: &'a [(String, Vec<usize>, PyReadonlyArrayDyn<'_, f32>)]) -> Vec<TensorView<'a>> {
+fn views<'a>(owned: &'a [Borrowed<'_>]) -> Vec<TensorView<'a>> {
     owned
         .iter()
         .map(|(name, shape, arr)| TensorView {
@@ -56,7 +65,14 @@ fn to_python<'py>(py: Python<'py>, file: CodebookFile) -> PyResult<Bound<'py, Py
             .map_err(|e| to_py(GsrqError::Shape(format!("internal shape error: {e}"))))?;
         dict.set_item(name, arr.into_pyarray(py))?;
     }
-    PyTuple::new(py, [file.meta_json.into_pyobject(py)?.into_any(), dict.into_any(), file.dtype.name().into_pyobject(py)?.into_any()])
+    PyTuple::new(
+        py,
+        [
+            file.meta_json.into_pyobject(py)?.into_any(),
+            dict.into_any(),
+            file.dtype.name().into_pyobject(py)?.into_any(),
+        ],
+    )
 }
 
 /// write_codebook_file(path, meta_json, tensors, dtype): validate and write atomically.
@@ -79,11 +95,17 @@ fn write_codebook_file(
 /// validate_codebook(meta_json, tensors, dtype): the checks of write_codebook_file, nothing written.
 #[pyfunction]
 #[pyo3(signature = (meta_json, tensors, dtype))]
-fn validate_codebook(py: Python<'_>, meta_json: &str, tensors: &Bound<'_, PyDict>, dtype: &str) -> PyResult<()> {
+fn validate_codebook(
+    py: Python<'_>,
+    meta_json: &str,
+    tensors: &Bound<'_, PyDict>,
+    dtype: &str,
+) -> PyResult<()> {
     let dtype = parse_dtype(dtype)?;
     let owned = borrow_tensors(tensors)?;
     let views = views(&owned);
-    py.detach(|| codebook::validate(meta_json, &views, dtype)).map_err(to_py)
+    py.detach(|| codebook::validate(meta_json, &views, dtype))
+        .map_err(to_py)
 }
 
 /// read_codebook_file(path) -> (meta_json, {name: float32 array}, dtype).
