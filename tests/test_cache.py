@@ -430,6 +430,7 @@ def test_memory_bytes_hand_count(model, codebooks) -> None:
     codes = layers * 2 * B * Hkv * (T - 5) * R
     assert cache.memory_report() == {"codes": codes, "norms": 0, "exact": exact, "codebooks": 0, "total": codes + exact}
     assert cache.memory_bytes() == codes + exact
+    assert all(layer.batch_size == B for layer in cache.layers)
     books = layers * 2 * (2 * 2 * 16 * 8) * 2  # [1, C=2, M=2, Kc=16, D=8] in 16 bits
     assert cache.codebook_bytes() == books
     assert cache.memory_bytes(include_codebooks=True) == codes + exact + books

@@ -280,6 +280,17 @@ class GSRQLayer(CacheLayerMixin):
         return -1
 
     @property
+    def batch_size(self) -> int:
+        """Batch rows held (AttributeError before the first update, as transformers' layers)."""
+        if not self.is_initialized:
+            raise AttributeError("batch_size")
+        return int(self.sink_keys.shape[0])
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batch_size
+
+    @property
     def num_sink(self) -> int:
         return 0 if not self.is_initialized else int(self.sink_keys.shape[2])
 
