@@ -12,7 +12,7 @@ import torch
 from gsrq import reference
 from gsrq.config import GSRQConfig, KindConfig
 from gsrq.errors import CodebookFormatError, ConfigError, InvalidValueError, ShapeError
-from gsrq.quantizer import KVQuantizer, _rust_engine, hadamard_matrix
+from gsrq.quantizer import KVQuantizer, _rust_engine, hadamard_matrix, pack_codes_fast, unpack_codes_fast
 
 
 def make_books(H: int, hd: int, kc: KindConfig, seed: int = 0) -> torch.Tensor:
@@ -265,3 +265,15 @@ def test_rust_engine_matches_torch(H: int) -> None:
     rust = KVQuantizer(books, kc, engine="rust").encode(x)
     torch_ = KVQuantizer(books, kc, engine="torch").encode(x)
     torch.testing.assert_close(rust.packed, torch_.packed, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8, 11, 12, 16])
+@pytest.mark.parametrize("n", [1, 7, 16])
+def test_fast_pack_unpack_match_reference(bits: int, n: int) -> None:
+    g = torch.Generator().manual_seed(bits * 100 + n)
+    codes = torch.randint(0, 1 << bits, (2, 3, 5, n), generator=g)
+    packed = pack_codes_fast(codes, bits)
+    ref = reference.pack_codes_torch(codes, bits)
+    torch.testing.assert_close(packed, ref, rtol=0, atol=0)
+    np.testing.assert_array_equal(packed.numpy(), bitstream_pack(codes.numpy(), bits))
+    torch.testing.assert_close(unpack_codes_fast(packed, bits, n), codes, rtol=0, atol=0)

@@ -88,6 +88,46 @@ def hadamard_matrix(n: int, signs: torch.Tensor | None = None) -> torch.Tensor:
     return h
 
 
+def unpack_codes_fast(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """:func:`gsrq.reference.unpack_codes_torch` with byte-aligned fast paths (bits 1, 2, 4, 8, 16).
+
+    packed: uint8 ``[..., nbytes]`` -> int64 codes ``[..., count]``.
+    """
+    lead = packed.shape[:-1]
+    if bits == 8:
+        return packed[..., :count].long()
+    if bits == 16:
+        p = packed[..., : 2 * count].long().reshape(*lead, count, 2)
+        return p[..., 0] | (p[..., 1] << 8)
+    if bits in (1, 2, 4):
+        per = 8 // bits
+        shifts = torch.arange(0, 8, bits, device=packed.device)
+        vals = (packed.long().unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return vals.reshape(*lead, packed.shape[-1] * per)[..., :count]
+    return reference.unpack_codes_torch(packed, bits, count)
+
+
+def pack_codes_fast(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`gsrq.reference.pack_codes_torch` with byte-aligned fast paths (bits 1, 2, 4, 8, 16).
+
+    codes: int ``[..., n]`` (each < 2**bits) -> uint8 ``[..., ceil(n * bits / 8)]``.
+    """
+    lead, n = codes.shape[:-1], codes.shape[-1]
+    c = codes.long()
+    if bits == 8:
+        return c.to(torch.uint8)
+    if bits == 16:
+        return torch.stack([c & 0xFF, c >> 8], dim=-1).reshape(*lead, 2 * n).to(torch.uint8)
+    if bits in (1, 2, 4):
+        per = 8 // bits
+        nbytes = (n * bits + 7) // 8
+        if nbytes * per != n:
+            c = torch.cat([c, c.new_zeros(*lead, nbytes * per - n)], dim=-1)
+        shifts = torch.arange(0, 8, bits, device=codes.device)
+        return (c.reshape(*lead, nbytes, per) << shifts).sum(-1).to(torch.uint8)
+    return reference.pack_codes_torch(codes, bits)
+
+
 class KVQuantizer:
     """Residual quantizer of one layer and one kind.
 
@@ -406,24 +446,20 @@ class KVQuantizer:
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Sum of codewords: int codes ``[B, Hkv, T, C, M]`` -> code-domain float32 ``[B, Hkv, T, hd]``."""
-        C, M, D = self.num_chunks, self.kind_config.M, self.kind_config.D
+        C, M, Kc, D = self.num_chunks, self.kind_config.M, self.kind_config.Kc, self.kind_config.D
         if codes.dim() != 5 or codes.shape[-2:] != (C, M):
             raise ShapeError(f"codes must have shape [B, Hkv, T, {C}, {M}], got {list(codes.shape)}")
         B, Hkv, T = codes.shape[:3]
         H = self.num_codebook_heads
-        codes = codes.to(self.device).long()
-        c_idx = torch.arange(C, device=self.device)
-        out = torch.zeros(B, Hkv, T, C, D, device=self.device, dtype=torch.float32)
-        if H == 1:
-            for m in range(M):
-                out += self.codebooks[0, c_idx, m][c_idx, codes[..., m]]
-        else:
-            if Hkv != H:
-                raise ShapeError(f"codes have {Hkv} KV heads, the per-head codebooks have {H}")
-            h_idx = torch.arange(H, device=self.device).view(1, H, 1, 1)
-            for m in range(M):
-                out += self.codebooks[h_idx, c_idx, m, codes[..., m]]
-        return out.reshape(B, Hkv, T, C * D)
+        if H > 1 and Hkv != H:
+            raise ShapeError(f"codes have {Hkv} KV heads, the per-head codebooks have {H}")
+        # one flat table [H * C * M * Kc, D]; row of (h, c, m, code) = ((h * C + c) * M + m) * Kc + code
+        offset = (torch.arange(C * M, device=self.device) * Kc).view(C, M)
+        idx = codes.to(self.device).long() + offset
+        if H > 1:
+            idx = idx + (torch.arange(H, device=self.device) * (C * M * Kc)).view(1, H, 1, 1, 1)
+        words = torch.nn.functional.embedding(idx, self.codebooks.view(-1, D))  # [B, Hkv, T, C, M, D]
+        return words.sum(-2).reshape(B, Hkv, T, C * D)
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         """int codes ``[B, Hkv, T, C, M]`` -> packed uint8 rows ``[B, Hkv, T, R]`` (little-endian bitstream)."""
@@ -432,7 +468,7 @@ class KVQuantizer:
         if eng is not None:
             packed = eng.pack_codes(np.ascontiguousarray(flat.numpy().astype(np.uint16)), self.code_bits)
             return torch.from_numpy(np.asarray(packed, dtype=np.uint8))
-        return reference.pack_codes_torch(flat, self.code_bits)
+        return pack_codes_fast(flat, self.code_bits)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """packed uint8 ``[B, Hkv, T, R]`` -> int64 codes ``[B, Hkv, T, C, M]``."""
@@ -440,7 +476,7 @@ class KVQuantizer:
             raise ShapeError(f"packed codes must be a uint8 tensor, got {getattr(packed, 'dtype', type(packed))}")
         if packed.dim() != 4 or packed.shape[-1] != self.row_bytes:
             raise ShapeError(f"packed codes must have shape [B, Hkv, T, {self.row_bytes}], got {list(packed.shape)}")
-        codes = reference.unpack_codes_torch(packed.to(self.device), self.code_bits, self.codes_per_token)
+        codes = unpack_codes_fast(packed.to(self.device), self.code_bits, self.codes_per_token)
         if self.kind_config.Kc < (1 << self.code_bits) and bool((codes >= self.kind_config.Kc).any()):
             raise InvalidValueError(f"packed codes hold a code >= Kc={self.kind_config.Kc}")
         return codes.reshape(*packed.shape[:3], self.num_chunks, self.kind_config.M)
