@@ -18,6 +18,7 @@ from transformers.cache_utils import DynamicLayer
 from gsrq.attention import CompressedKV
 from gsrq.cache import GSRQCache, GSRQLayer, generate_cache_kwarg, model_shapes
 from gsrq.config import GSRQConfig, KindConfig
+from gsrq.engine import ResidualQuantizer
 from gsrq.errors import ConfigError, ModelMismatchError, ShapeError
 from gsrq.quantizer import KVQuantizer
 
@@ -44,28 +45,14 @@ def tiny_config(**overrides) -> LlamaConfig:
 
 
 # ----------------------------------------------------------- codebook training
-def kmeans(x: torch.Tensor, k: int, iters: int, g: torch.Generator) -> torch.Tensor:
-    """Plain Lloyd k-means, x [N, D] -> centroids [k, D] (random distinct init, empty clusters kept)."""
-    cent = x[torch.randperm(x.shape[0], generator=g)[:k]].clone()
-    for _ in range(iters):
-        assign = torch.cdist(x, cent).argmin(1)
-        sums = torch.zeros_like(cent).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).unsqueeze(1)
-        cent = torch.where(counts > 0, sums / counts.clamp_min(1), cent)
-    return cent
-
-
-def train_rq(x: torch.Tensor, kc: KindConfig, g: torch.Generator) -> torch.Tensor:
-    """Residual k-means per chunk position, x [N, hd] -> codebooks [1, C, M, Kc, D]."""
+def train_rq(x: torch.Tensor, kc: KindConfig, seed: int) -> torch.Tensor:
+    """GSKM residual codebooks per chunk position (the Rust engine), x [N, hd] -> [1, C, M, Kc, D]."""
     C = x.shape[1] // kc.D
-    out = torch.empty(1, C, kc.M, kc.Kc, kc.D)
+    books = []
     for c in range(C):
-        r = x[:, c * kc.D : (c + 1) * kc.D].clone()
-        for m in range(kc.M):
-            cent = kmeans(r, kc.Kc, 8, g)
-            out[0, c, m] = cent
-            r = r - cent[torch.cdist(r, cent).argmin(1)]
-    return out
+        rq = ResidualQuantizer(kc.D, kc.Kc, kc.M, "gskm", seed=seed + c, iters=5, init_iters=5, threads=1)
+        books.append(torch.from_numpy(rq.fit(x[:, c * kc.D : (c + 1) * kc.D].numpy()).codebooks.copy()))
+    return torch.stack(books).unsqueeze(0)
 
 
 class TinyCodebooks:
@@ -100,8 +87,7 @@ def model() -> LlamaForCausalLM:
 @pytest.fixture(scope="module")
 def codebooks(model) -> TinyCodebooks:
     """Codebooks trained on the model's own keys/values over random token sequences."""
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 96, (8, 48), generator=g)
+    ids = torch.randint(3, 96, (8, 48), generator=torch.Generator().manual_seed(1))
     cache = DynamicCache()
     with torch.no_grad():
         model(input_ids=ids, use_cache=True, **{CACHE_KW: cache})
@@ -109,7 +95,7 @@ def codebooks(model) -> TinyCodebooks:
     for layer in range(2):
         lk = cache.layers[layer]
         for kind, t in (("keys", lk.keys), ("values", lk.values)):
-            books[(layer, kind)] = train_rq(t.reshape(-1, 16), KIND, g)
+            books[(layer, kind)] = train_rq(t.reshape(-1, 16), KIND, seed=10 * layer)
     cfg = GSRQConfig(keys=KIND, values=KIND, sinks=2, window=3)
     return TinyCodebooks(cfg, books, num_layers=2, num_kv_heads=2, head_dim=16)
 
@@ -473,3 +459,22 @@ def test_model_shapes_and_kwarg() -> None:
     with pytest.raises(ModelMismatchError):
         model_shapes(SimpleNamespace(hidden_size=64))
     assert CACHE_KW in ("cache", "past_key_values")
+
+
+def test_from_pretrained_codebook_file(model, codebooks, tmp_path) -> None:
+    cb_mod = pytest.importorskip("gsrq.codebooks", reason="gsrq.codebooks (codebook files) is not built here")
+    tensors = {f"layers.{l}.{k}.codebooks": codebooks.codebooks(l, k) for l in range(2) for k in ("keys", "values")}
+    cbs = cb_mod.Codebooks.build(codebooks.config, model.config, tensors, {"text": "random tokens"}, "tiny-llama", "float32")
+    path = tmp_path / "tiny.gsrq.safetensors"
+    cbs.save(path)
+    cache = GSRQCache.from_pretrained(str(path), model)
+    assert (cache.sinks, cache.window) == (codebooks.config.sinks, codebooks.config.window)
+    ids = prompt(10, seed=21)
+    ref_cache = make_cache(codebooks, model)
+    torch.testing.assert_close(generate(model, ids, cache), generate(model, ids, ref_cache), rtol=0, atol=0)
+    assert cache.layers[0].num_coded > 0
+    other = LlamaForCausalLM(tiny_config(vocab_size=128)).eval()
+    with pytest.raises(ModelMismatchError, match="vocab_size"):
+        GSRQCache.from_pretrained(str(path), other)
+    with pytest.raises(ModelMismatchError, match="num_kv_heads"):
+        GSRQCache.from_pretrained(str(path), LlamaForCausalLM(tiny_config(num_key_value_heads=4)).eval())

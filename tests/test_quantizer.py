@@ -190,6 +190,8 @@ def test_from_codebooks_levers() -> None:
     kb, vb = make_books(1, 16, kc, 1).numpy(), make_books(1, 16, kc, 2).numpy()
     signs = np.where(np.arange(16) % 3 == 0, -1.0, 1.0).astype(np.float32)
     scale = np.linspace(0.5, 2.0, 16, dtype=np.float32)[None]
+    for arr in (kb, vb, signs, scale):  # codebook files hand out read-only arrays
+        arr.flags.writeable = False
     cfg = GSRQConfig(keys=kc, values=kc, key_rotation="hadamard_signs", key_scale=True, key_norm=True)
     cbs = _fake_codebooks(cfg, {"keys": kb, "values": vb}, {("keys", "signs"): signs, ("keys", "scale"): scale})
     k = KVQuantizer.from_codebooks(cbs, 0, "keys")
@@ -277,3 +279,22 @@ def test_fast_pack_unpack_match_reference(bits: int, n: int) -> None:
     torch.testing.assert_close(packed, ref, rtol=0, atol=0)
     np.testing.assert_array_equal(packed.numpy(), bitstream_pack(codes.numpy(), bits))
     torch.testing.assert_close(unpack_codes_fast(packed, bits, n), codes, rtol=0, atol=0)
+
+
+def test_matches_engine_residual_quantizer() -> None:
+    """Codes and reconstruction agree with gsrq.engine.ResidualQuantizer per chunk position."""
+    from gsrq.engine import ResidualQuantizer
+
+    kc = KindConfig(D=8, Kc=16, M=3)
+    books = make_books(1, 16, kc)
+    x = rand_x(2, 2, 9, 16)
+    for engine in ("torch", "auto"):
+        q = KVQuantizer(books, kc, engine=engine)
+        codes = q.codes(x)
+        rec = q.fake_quant(x)
+        for c in range(2):
+            rq = ResidualQuantizer.from_codebooks(books[0, c].numpy())
+            xs = x[..., c * 8 : (c + 1) * 8].reshape(-1, 8).numpy()
+            ref = rq.encode(xs)
+            np.testing.assert_array_equal(codes[..., c, :].reshape(-1, 3).numpy(), ref)
+            np.testing.assert_allclose(rec[..., c * 8 : (c + 1) * 8].reshape(-1, 8).numpy(), rq.decode(ref), atol=1e-5)

@@ -239,7 +239,7 @@ class KVQuantizer:
         num_layers = int(cbs.num_layers)
         if not isinstance(layer, int) or not 0 <= layer < num_layers:
             raise ConfigError(f"layer must be in 0..{num_layers - 1}, got {layer!r}")
-        books = np.asarray(cbs.codebooks(layer, kind), dtype=np.float32)
+        books = np.array(cbs.codebooks(layer, kind), dtype=np.float32, copy=True)  # files give read-only arrays
         hd = int(books.shape[1] * books.shape[4]) if books.ndim == 5 else None
         rotation = scale = None
         norm = False
@@ -254,13 +254,13 @@ class KVQuantizer:
                         raise CodebookFormatError(
                             f"key_rotation='hadamard_signs' but the file has no layers.{layer}.keys.signs tensor"
                         )
-                    signs = torch.from_numpy(np.asarray(signs, dtype=np.float32))
+                    signs = torch.from_numpy(np.array(signs, dtype=np.float32, copy=True))
                 rotation = hadamard_matrix(hd, signs)
             if cfg.key_scale:
                 scale = cbs.aux(layer, kind, "scale")
                 if scale is None:
                     raise CodebookFormatError(f"key_scale is on but the file has no layers.{layer}.keys.scale tensor")
-                scale = np.asarray(scale, dtype=np.float32)
+                scale = np.array(scale, dtype=np.float32, copy=True)
             norm = bool(cfg.key_norm)
         return cls(
             torch.from_numpy(books),
