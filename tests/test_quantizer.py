@@ -196,10 +196,10 @@ def test_from_codebooks_levers() -> None:
     cbs = _fake_codebooks(cfg, {"keys": kb, "values": vb}, {("keys", "signs"): signs, ("keys", "scale"): scale})
     k = KVQuantizer.from_codebooks(cbs, 0, "keys")
     v = KVQuantizer.from_codebooks(cbs, 0, "values")
-    torch.testing.assert_close(k.rotation, hadamard_matrix(16, torch.from_numpy(signs)))
-    torch.testing.assert_close(k.scale, torch.from_numpy(scale))
+    torch.testing.assert_close(k.rotation, hadamard_matrix(16, torch.tensor(signs)))
+    torch.testing.assert_close(k.scale, torch.tensor(scale))
     assert k.norm and not v.norm and v.rotation is None and v.scale is None
-    torch.testing.assert_close(k.codebooks, torch.from_numpy(kb))
+    torch.testing.assert_close(k.codebooks, torch.tensor(kb))
     with pytest.raises(CodebookFormatError, match="signs"):
         KVQuantizer.from_codebooks(_fake_codebooks(cfg, {"keys": kb, "values": vb}, {("keys", "scale"): scale}), 0, "keys")
     with pytest.raises(CodebookFormatError, match="scale"):
