@@ -478,3 +478,28 @@ def test_from_pretrained_codebook_file(model, codebooks, tmp_path) -> None:
         GSRQCache.from_pretrained(str(path), other)
     with pytest.raises(ModelMismatchError, match="num_kv_heads"):
         GSRQCache.from_pretrained(str(path), LlamaForCausalLM(tiny_config(num_key_value_heads=4)).eval())
+
+
+def test_key_levers_in_cache(codebooks) -> None:
+    """Rotation, channel scale and norms: stored norms, decoded keys, view maps and byte count."""
+    from gsrq.quantizer import hadamard_matrix
+
+    g = torch.Generator().manual_seed(17)
+    books = torch.from_numpy(codebooks.codebooks(0, "keys").copy())
+    books = books / books.reshape(-1, 8).norm(dim=-1).mean() / 2  # unit-vector scale
+    scale = torch.rand(1, 16, generator=g) + 0.5
+    kq = KVQuantizer(books, KIND, rotation=hadamard_matrix(16), scale=scale, norm=True)
+    vq = KVQuantizer.from_codebooks(codebooks, 0, "values")
+    layer = GSRQLayer(kq, vq, sinks=1, window=2)
+    K = torch.randn(2, 2, 9, 16, generator=g) * 5
+    V = torch.randn(2, 2, 9, 16, generator=g)
+    layer.update(K[:, :, :8], V[:, :, :8])
+    rk, _ = layer.update(K[:, :, 8:], V[:, :, 8:])
+    assert layer.key_norms.shape == (2, 2, 6) and layer.key_norms.dtype == torch.float16
+    torch.testing.assert_close(layer.key_norms, (K[:, :, 1:7] @ hadamard_matrix(16) / scale).norm(dim=-1).half())
+    torch.testing.assert_close(rk[:, :, 1:6], kq.fake_quant(K[:, :, 1:6]), rtol=0, atol=1e-5)
+    view = layer.compressed_view()
+    assert view.key_norms is layer.key_norms and view.query_map.shape == (1, 16, 16) and view.value_map is None
+    mem = layer.memory_report()
+    assert mem["norms"] == 2 * 2 * 6 * 2
+    assert mem["codes"] == 2 * (2 * 2 * 6 * 2)
