@@ -387,7 +387,7 @@ class GSRQCache(Cache):
     Build it with :meth:`from_pretrained` (codebook file + model) or
     :meth:`from_codebooks` (a :class:`gsrq.Codebooks` and the model config),
     or directly from per-layer quantizers.
-    ``sinks``/``window`` default to the codebooks' config.
+    ``sinks``/``window`` default to the codebooks' config, kept as ``gsrq_config``.
     """
 
     def __init__(
@@ -407,7 +407,7 @@ class GSRQCache(Cache):
         super().__init__(layers=layers)
         self.sinks = sinks
         self.window = window
-        self.config = config
+        self.gsrq_config = config
 
     @classmethod
     def from_codebooks(
