@@ -296,6 +296,10 @@ def test_crop(codebooks) -> None:
     rk, _ = layer.update(K[:, :, 10:11], V[:, :, 10:11])  # returns 11 tokens
     layer.crop(-4)  # 7 left: 2 sinks, 5 coded, empty window
     assert (layer.num_sink, layer.num_coded, layer.num_window) == (2, 5, 0)
+    for name in GSRQLayer._STATE:  # cropped tensors do not pin their old buffers
+        t = getattr(layer, name)
+        if t is not None and t.numel():
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
     nk, _ = layer.update(K[:, :, 7:8], V[:, :, 7:8])
     torch.testing.assert_close(nk[:, :, :7], rk[:, :, :7], rtol=0, atol=0)
     torch.testing.assert_close(nk[:, :, 7], K[:, :, 7], rtol=0, atol=0)
@@ -416,6 +420,14 @@ def test_memory_bytes_hand_count(model, codebooks) -> None:
     codes = layers * 2 * B * Hkv * (T - 5) * R
     assert cache.memory_report() == {"codes": codes, "norms": 0, "exact": exact, "codebooks": 0, "total": codes + exact}
     assert cache.memory_bytes() == codes + exact
+    # what is counted is all that is held: no tensor is a view into a bigger buffer
+    held = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for layer in cache.layers
+        for name in GSRQLayer._STATE
+        if (t := getattr(layer, name)) is not None and t.numel()
+    }
+    assert sum(held.values()) == codes + exact
     assert all(layer.batch_size == B for layer in cache.layers)
     books = layers * 2 * (2 * 2 * 16 * 8) * 2  # [1, C=2, M=2, Kc=16, D=8] in 16 bits
     assert cache.codebook_bytes() == books

@@ -82,6 +82,17 @@ def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return b if a.shape[2] == 0 else (a if b.shape[2] == 0 else torch.cat([a, b], dim=2))
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a compact tensor with storage of its own.
+
+    Held tensors must not be views into the model's projection outputs: those
+    would stay alive with them and memory_bytes would not see them.
+    """
+    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 class GSRQLayer(CacheLayerMixin):
     """One decoder layer's GSRQ cache.
 
@@ -204,8 +215,8 @@ class GSRQLayer(CacheLayerMixin):
         need = self.sinks - self.sink_keys.shape[2]
         if need > 0:
             take = min(need, tail_k.shape[2])
-            self.sink_keys = _cat(self.sink_keys, tail_k[:, :, :take])
-            self.sink_values = _cat(self.sink_values, tail_v[:, :, :take])
+            self.sink_keys = _own(_cat(self.sink_keys, tail_k[:, :, :take]))
+            self.sink_values = _own(_cat(self.sink_values, tail_v[:, :, :take]))
             tail_k, tail_v = tail_k[:, :, take:], tail_v[:, :, take:]
         # tokens that left the exact window are encoded
         move = tail_k.shape[2] - self.window
@@ -217,7 +228,7 @@ class GSRQLayer(CacheLayerMixin):
             if self.key_norms is not None:
                 self.key_norms = torch.cat([self.key_norms, enc_k.norms], dim=2)
             tail_k, tail_v = tail_k[:, :, move:], tail_v[:, :, move:]
-        self.window_keys, self.window_values = tail_k.contiguous(), tail_v.contiguous()
+        self.window_keys, self.window_values = _own(tail_k), _own(tail_v)
 
     def reconstruct(self, view: CompressedKV) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense keys and values ``[B, Hkv, T, hd]`` of a view, in the model dtype: sinks, decoded codes, window."""
@@ -311,7 +322,7 @@ class GSRQLayer(CacheLayerMixin):
         for name in self._STATE:
             t = getattr(self, name)
             if t is not None:
-                setattr(self, name, fn(t))
+                setattr(self, name, _own(fn(t)))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the batch for beam search (codes are per row, so this is lossless)."""
@@ -343,6 +354,7 @@ class GSRQLayer(CacheLayerMixin):
             self.key_norms = self.key_norms[:, :, :kc]
         kw = max(0, keep - ts - tc)
         self.window_keys, self.window_values = self.window_keys[:, :, :kw], self.window_values[:, :, :kw]
+        self._map(lambda t: t)  # slices become compact tensors of their own
 
     def reset(self) -> None:
         self._clear()

@@ -43,6 +43,8 @@ from gsrq.errors import CodebookFormatError, ConfigError, InvalidValueError, Sha
 
 ENGINES = ("auto", "torch", "rust")
 
+__all__ = ["ENGINES", "Encoded", "KVQuantizer", "hadamard_matrix", "pack_codes_fast", "unpack_codes_fast"]
+
 
 class Encoded(NamedTuple):
     """Output of :meth:`KVQuantizer.encode`.
