@@ -515,3 +515,18 @@ def test_key_levers_in_cache(codebooks) -> None:
     mem = layer.memory_report()
     assert mem["norms"] == 2 * 2 * 6 * 2
     assert mem["codes"] == 2 * (2 * 2 * 6 * 2)
+
+
+def test_early_initialization_and_bf16(model, codebooks) -> None:
+    """Cache.early_initialization (export/compile recipes) and a bfloat16 model."""
+    bf = copy.deepcopy(model).to(torch.bfloat16)
+    ids = prompt(9, seed=30)
+    cache = make_cache(codebooks, bf, sinks=2, window=2)
+    cache.early_initialization(batch_size=1, num_heads=2, head_dim=16, dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert cache.get_seq_length() == 0 and all(l.is_initialized for l in cache.layers)
+    out = generate(bf, ids, cache)
+    ref = generate(bf, ids, oracle_cache(cache))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert cache.layers[0].sink_keys.dtype == torch.bfloat16 and cache.layers[0].num_coded > 0
+    same = generate(bf, ids, make_cache(codebooks, bf, window=64))
+    torch.testing.assert_close(same, generate(bf, ids, DynamicCache()), rtol=0, atol=0)
