@@ -1,0 +1,522 @@
+"""GSRQCache: a transformers cache that stores keys and values as packed GSRQ codes.
+
+Per decoder layer (:class:`GSRQLayer`), in sequence order:
+
+- the first ``sinks`` tokens, exact (model dtype);
+- older tokens, encoded into packed code rows ``uint8 [B, Hkv, Tc, R]`` (plus
+  float16 key norms when the norm lever is on);
+- the most recent ``window`` tokens, exact.
+
+A call of ``update`` with ``n`` new tokens returns the keys and values that
+the model attends to: ``sinks + decode(coded) + window + the n new tokens``,
+the new tokens exact (so the prompt is attended exactly at prefill), all in
+the model dtype. Then the new tokens are stored: the first ones fill the
+sinks, and every token that falls out of the exact window is encoded. A token
+at position ``p >= sinks`` is thus attended exactly by the calls that bring the
+sequence to a length ``L <= p + window + 1`` and through its reconstruction
+afterwards.
+
+On the CPU the model's own attention consumes the dense reconstruction. Fused
+decode attention takes the compressed form instead: :meth:`GSRQLayer.append`
+stores the new tokens like ``update`` and returns the
+:class:`~gsrq.attention.CompressedKV` of exactly what ``update`` would have
+returned; :meth:`GSRQLayer.compressed_view` shows what is stored.
+
+Works with the layered cache API of transformers 5.x (``Cache`` /
+``CacheLayerMixin``): greedy, sampling and beam search (``reorder_cache``),
+``crop``, ``batch_select_indices`` and ``batch_repeat_interleave``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from gsrq.attention import CompressedKV
+from gsrq.config import GSRQConfig
+from gsrq.errors import ConfigError, ModelMismatchError, ShapeError
+from gsrq.quantizer import KVQuantizer
+
+__all__ = ["GSRQCache", "GSRQLayer", "generate_cache_kwarg", "model_shapes"]
+
+
+def generate_cache_kwarg() -> str:
+    """Name of the keyword that passes a cache to ``model.generate`` and ``forward``.
+
+    ``"cache"`` on transformers versions that renamed it, else ``"past_key_values"``.
+    """
+    from transformers.generation.utils import GenerationMixin
+
+    params = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def model_shapes(model_config: Any) -> dict[str, int]:
+    """``num_layers``, ``num_kv_heads`` and ``head_dim`` of a transformers decoder config."""
+    cfg = model_config
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config(decoder=True)
+    try:
+        num_layers = int(cfg.num_hidden_layers)
+        num_heads = int(cfg.num_attention_heads)
+    except AttributeError as e:
+        raise ModelMismatchError(f"model config lacks {e.name or 'a field'}; only decoder LLM configs are supported") from e
+    kv = getattr(cfg, "num_key_value_heads", None)
+    num_kv_heads = int(kv) if kv is not None else num_heads
+    head_dim = getattr(cfg, "head_dim", None)
+    if head_dim is None:
+        head_dim = int(cfg.hidden_size) // num_heads
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:
+        other = sorted({t for t in layer_types if t != "full_attention"})
+        if other:
+            raise ConfigError(f"GSRQCache supports full-attention layers only; the model has {other}")
+    return {"num_layers": num_layers, "num_kv_heads": num_kv_heads, "head_dim": int(head_dim)}
+
+
+def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return b if a.shape[2] == 0 else (a if b.shape[2] == 0 else torch.cat([a, b], dim=2))
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a compact tensor with storage of its own.
+
+    Held tensors must not be views into the model's projection outputs: those
+    would stay alive with them and memory_bytes would not see them.
+    """
+    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+class GSRQLayer(CacheLayerMixin):
+    """One decoder layer's GSRQ cache.
+
+    key_quantizer / value_quantizer: the layer's :class:`KVQuantizer` for keys and values.
+    sinks: first tokens kept exact. window: most recent tokens kept exact.
+
+    Held tensors (``B`` batch, ``Hkv`` KV heads, ``hd`` head_dim; model dtype for exact ones):
+    ``sink_keys``/``sink_values`` ``[B, Hkv, Ts, hd]``, ``key_codes``/``value_codes``
+    uint8 ``[B, Hkv, Tc, R]``, ``key_norms`` float16 ``[B, Hkv, Tc]`` or None,
+    ``window_keys``/``window_values`` ``[B, Hkv, Tw, hd]``.
+    """
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, key_quantizer: KVQuantizer, value_quantizer: KVQuantizer, *, sinks: int, window: int) -> None:
+        super().__init__()
+        for name, q in (("key_quantizer", key_quantizer), ("value_quantizer", value_quantizer)):
+            if not isinstance(q, KVQuantizer):
+                raise ConfigError(f"{name} must be a KVQuantizer, got {type(q).__name__}")
+        if value_quantizer.norm or value_quantizer.rotation is not None or value_quantizer.scale is not None:
+            raise ConfigError("key levers (rotation, scale, norm) do not apply to values")
+        if key_quantizer.head_dim != value_quantizer.head_dim:
+            raise ConfigError(
+                f"key and value codebooks disagree on head_dim: {key_quantizer.head_dim} vs {value_quantizer.head_dim}"
+            )
+        for name, v in (("sinks", sinks), ("window", window)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
+        self.key_quantizer = key_quantizer
+        self.value_quantizer = value_quantizer
+        self.sinks = sinks
+        self.window = window
+        self._clear()
+
+    def _clear(self) -> None:
+        self.keys = self.values = None
+        self.sink_keys = self.sink_values = None
+        self.key_codes = self.value_codes = None
+        self.key_norms = None
+        self.window_keys = self.window_values = None
+        self.is_initialized = False
+
+    # -------------------------------------------------------------- transformers API
+    @property
+    def is_croppable(self) -> bool:  # type: ignore[override]
+        """Crop restores the exact earlier state only when no window delays encoding."""
+        return self.window == 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        """Allocate empty state on ``key_states``' device and dtype (batch and heads taken from it)."""
+        B, Hkv, _, hd = key_states.shape
+        if hd != self.key_quantizer.head_dim:
+            raise ShapeError(f"keys have head_dim {hd}, the codebooks were trained for {self.key_quantizer.head_dim}")
+        for q in (self.key_quantizer, self.value_quantizer):
+            if q.num_codebook_heads > 1 and q.num_codebook_heads != Hkv:
+                raise ShapeError(f"the model has {Hkv} KV heads, the per-head codebooks have {q.num_codebook_heads}")
+        dev, dt = key_states.device, key_states.dtype
+        self.device, self.dtype = dev, dt
+        self.key_quantizer = self.key_quantizer.to(dev)
+        self.value_quantizer = self.value_quantizer.to(dev)
+        empty = torch.empty(B, Hkv, 0, hd, device=dev, dtype=dt)
+        self.sink_keys, self.sink_values = empty, empty.clone()
+        self.window_keys, self.window_values = empty.clone(), empty.clone()
+        self.key_codes = torch.empty(B, Hkv, 0, self.key_quantizer.row_bytes, device=dev, dtype=torch.uint8)
+        self.value_codes = torch.empty(B, Hkv, 0, self.value_quantizer.row_bytes, device=dev, dtype=torch.uint8)
+        self.key_norms = torch.empty(B, Hkv, 0, device=dev, dtype=torch.float16) if self.key_quantizer.norm else None
+        self.is_initialized = True
+
+    def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise ShapeError(f"{name} must be a tensor [B, Hkv, T, head_dim], got {getattr(t, 'shape', type(t))}")
+            if not t.is_floating_point():
+                raise ShapeError(f"{name} must be a float tensor, got {t.dtype}")
+        if key_states.shape != value_states.shape:
+            raise ShapeError(f"key_states {list(key_states.shape)} and value_states {list(value_states.shape)} differ")
+        if self.is_initialized:
+            B, Hkv = self.sink_keys.shape[:2]
+            if key_states.shape[:2] != (B, Hkv) or key_states.shape[3] != self.sink_keys.shape[3]:
+                raise ShapeError(
+                    f"new states {list(key_states.shape)} do not match the cache [B={B}, Hkv={Hkv}, T, "
+                    f"hd={self.sink_keys.shape[3]}]"
+                )
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> CompressedKV:
+        """Store new tokens; return the compressed view of what this call attends to.
+
+        key_states, value_states: ``[B, Hkv, n, hd]``, model dtype. The view
+        holds the sinks and codes as they were before the call and, as its
+        exact window, the earlier window followed by the ``n`` new tokens.
+        """
+        self._check_states(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        key_states = key_states.to(self.dtype)
+        value_states = value_states.to(self.dtype)
+        view = CompressedKV(
+            sink_keys=self.sink_keys,
+            sink_values=self.sink_values,
+            key_codes=self.key_codes,
+            value_codes=self.value_codes,
+            key_codebooks=self.key_quantizer.codebooks,
+            value_codebooks=self.value_quantizer.codebooks,
+            key_bits=self.key_quantizer.code_bits,
+            value_bits=self.value_quantizer.code_bits,
+            window_keys=_cat(self.window_keys, key_states),
+            window_values=_cat(self.window_values, value_states),
+            key_norms=self.key_norms,
+            query_map=self.key_quantizer.query_map,
+            value_map=None,
+        )
+        self._store(key_states, value_states)
+        return view
+
+    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        tail_k = _cat(self.window_keys, key_states)
+        tail_v = _cat(self.window_values, value_states)
+        # the first `sinks` tokens of the sequence stay exact for good
+        need = self.sinks - self.sink_keys.shape[2]
+        if need > 0:
+            take = min(need, tail_k.shape[2])
+            self.sink_keys = _own(_cat(self.sink_keys, tail_k[:, :, :take]))
+            self.sink_values = _own(_cat(self.sink_values, tail_v[:, :, :take]))
+            tail_k, tail_v = tail_k[:, :, take:], tail_v[:, :, take:]
+        # tokens that left the exact window are encoded
+        move = tail_k.shape[2] - self.window
+        if move > 0:
+            enc_k = self.key_quantizer.encode(tail_k[:, :, :move])
+            enc_v = self.value_quantizer.encode(tail_v[:, :, :move])
+            self.key_codes = _cat(self.key_codes, enc_k.packed)
+            self.value_codes = _cat(self.value_codes, enc_v.packed)
+            if self.key_norms is not None:
+                self.key_norms = torch.cat([self.key_norms, enc_k.norms], dim=2)
+            tail_k, tail_v = tail_k[:, :, move:], tail_v[:, :, move:]
+        self.window_keys, self.window_values = _own(tail_k), _own(tail_v)
+
+    def reconstruct(self, view: CompressedKV) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense keys and values ``[B, Hkv, T, hd]`` of a view, in the model dtype: sinks, decoded codes, window."""
+        parts_k = [view.sink_keys]
+        parts_v = [view.sink_values]
+        if view.key_codes.shape[2] > 0:
+            parts_k.append(self.key_quantizer.decode(view.key_codes, view.key_norms).to(self.dtype))
+            parts_v.append(self.value_quantizer.decode(view.value_codes).to(self.dtype))
+        parts_k.append(view.window_keys)
+        parts_v.append(view.window_values)
+        parts_k = [p for p in parts_k if p.shape[2] > 0] or [view.window_keys]
+        parts_v = [p for p in parts_v if p.shape[2] > 0] or [view.window_values]
+        return torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``[B, Hkv, n, hd]`` new keys/values; return the full ``[B, Hkv, T, hd]`` keys/values to attend to.
+
+        The returned tensors are sinks + reconstruction of the coded tokens +
+        exact window + the new tokens (exact), in the model dtype.
+        """
+        return self.reconstruct(self.append(key_states, value_states))
+
+    def compressed_view(self, valid: torch.Tensor | None = None) -> CompressedKV:
+        """The stored state as a :class:`CompressedKV` (``valid``: optional bool ``[B, T]`` padding mask)."""
+        if not self.is_initialized:
+            raise ShapeError("the cache layer holds nothing yet")
+        return CompressedKV(
+            sink_keys=self.sink_keys,
+            sink_values=self.sink_values,
+            key_codes=self.key_codes,
+            value_codes=self.value_codes,
+            key_codebooks=self.key_quantizer.codebooks,
+            value_codebooks=self.value_quantizer.codebooks,
+            key_bits=self.key_quantizer.code_bits,
+            value_bits=self.value_quantizer.code_bits,
+            window_keys=self.window_keys,
+            window_values=self.window_values,
+            key_norms=self.key_norms,
+            query_map=self.key_quantizer.query_map,
+            value_map=None,
+            valid=valid,
+        )
+
+    def get_mask_sizes(self, query_length: Any) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for the mask; accepts a query length or a cache_position tensor."""
+        q = int(query_length.shape[0]) if isinstance(query_length, torch.Tensor) else int(query_length)
+        return self.get_seq_length() + q, 0
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return int(self.sink_keys.shape[2] + self.key_codes.shape[2] + self.window_keys.shape[2])
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    @property
+    def batch_size(self) -> int:
+        """Batch rows held (AttributeError before the first update, as transformers' layers)."""
+        if not self.is_initialized:
+            raise AttributeError("batch_size")
+        return int(self.sink_keys.shape[0])
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batch_size
+
+    @property
+    def num_sink(self) -> int:
+        return 0 if not self.is_initialized else int(self.sink_keys.shape[2])
+
+    @property
+    def num_coded(self) -> int:
+        return 0 if not self.is_initialized else int(self.key_codes.shape[2])
+
+    @property
+    def num_window(self) -> int:
+        return 0 if not self.is_initialized else int(self.window_keys.shape[2])
+
+    # --------------------------------------------------------------- batch ops
+    _STATE = ("sink_keys", "sink_values", "key_codes", "value_codes", "key_norms", "window_keys", "window_values")
+
+    def _map(self, fn: Any) -> None:
+        if not self.is_initialized:
+            return
+        for name in self._STATE:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, _own(fn(t)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch for beam search (codes are per row, so this is lossless)."""
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (negative), or keep the first ``tokens_to_remove`` (positive).
+
+        Tokens left keep their current form: exact ones stay exact, coded ones
+        stay coded (the window refills as new tokens arrive).
+        """
+        if not self.is_initialized:
+            return
+        n = int(tokens_to_remove)
+        length = self.get_seq_length()
+        keep = length + n if n < 0 else (length if n == 0 else min(n, length))
+        keep = max(keep, 0)
+        ts, tc = self.sink_keys.shape[2], self.key_codes.shape[2]
+        self.sink_keys, self.sink_values = self.sink_keys[:, :, :keep], self.sink_values[:, :, :keep]
+        kc = max(0, min(tc, keep - ts))
+        self.key_codes, self.value_codes = self.key_codes[:, :, :kc], self.value_codes[:, :, :kc]
+        if self.key_norms is not None:
+            self.key_norms = self.key_norms[:, :, :kc]
+        kw = max(0, keep - ts - tc)
+        self.window_keys, self.window_values = self.window_keys[:, :, :kw], self.window_values[:, :, :kw]
+        self._map(lambda t: t)  # slices become compact tensors of their own
+
+    def reset(self) -> None:
+        self._clear()
+
+    def offload(self) -> None:
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t.to(self.device, non_blocking=True))
+
+    # ------------------------------------------------------------- accounting
+    def memory_report(self) -> dict[str, int]:
+        """Bytes held by this layer: ``codes``, ``norms``, ``exact`` (sinks + window)."""
+        if not self.is_initialized:
+            return {"codes": 0, "norms": 0, "exact": 0}
+
+        def nbytes(t: torch.Tensor | None) -> int:
+            return 0 if t is None else t.numel() * t.element_size()
+
+        return {
+            "codes": nbytes(self.key_codes) + nbytes(self.value_codes),
+            "norms": nbytes(self.key_norms),
+            "exact": sum(nbytes(t) for t in (self.sink_keys, self.sink_values, self.window_keys, self.window_values)),
+        }
+
+    def num_elements(self) -> int:
+        """Key and value elements cached: ``2 * B * Hkv * T * hd``."""
+        if not self.is_initialized:
+            return 0
+        B, Hkv, _, hd = self.sink_keys.shape
+        return 2 * B * Hkv * self.get_seq_length() * hd
+
+    def codebook_bytes(self) -> int:
+        """Bytes of this layer's codebooks in 16-bit floats (shared by every sequence)."""
+        return self.key_quantizer.codebook_bytes + self.value_quantizer.codebook_bytes
+
+
+class GSRQCache(Cache):
+    """A transformers cache holding keys and values as GSRQ codes; pass it to ``model.generate``.
+
+    Build it with :meth:`from_pretrained` (codebook file + model) or
+    :meth:`from_codebooks` (a :class:`gsrq.Codebooks` and the model config),
+    or directly from per-layer quantizers.
+    ``sinks``/``window`` default to the codebooks' config, kept as ``gsrq_config``.
+    """
+
+    def __init__(
+        self,
+        key_quantizers: Sequence[KVQuantizer],
+        value_quantizers: Sequence[KVQuantizer],
+        *,
+        sinks: int = 4,
+        window: int = 0,
+        config: GSRQConfig | None = None,
+    ) -> None:
+        if len(key_quantizers) != len(value_quantizers) or not key_quantizers:
+            raise ConfigError(
+                f"need one key and one value quantizer per layer, got {len(key_quantizers)} and {len(value_quantizers)}"
+            )
+        layers = [GSRQLayer(k, v, sinks=sinks, window=window) for k, v in zip(key_quantizers, value_quantizers)]
+        super().__init__(layers=layers)
+        self.sinks = sinks
+        self.window = window
+        self.gsrq_config = config
+
+    @classmethod
+    def from_codebooks(
+        cls,
+        codebooks: Any,
+        model_config: Any,
+        device: torch.device | str | None = None,
+        *,
+        sinks: int | None = None,
+        window: int | None = None,
+        engine: str = "auto",
+        threads: int | None = None,
+    ) -> "GSRQCache":
+        """A cache from a :class:`gsrq.Codebooks` object checked against ``model_config``.
+
+        Raises :class:`gsrq.ModelMismatchError` (naming the field) when the
+        codebooks were made for another model. ``device`` None: the device of
+        the first keys seen.
+        """
+        shapes = model_shapes(model_config)
+        for field in ("num_layers", "num_kv_heads", "head_dim"):
+            have = int(getattr(codebooks, field))
+            if have != shapes[field]:
+                raise ModelMismatchError(f"codebooks have {field}={have}, the model has {field}={shapes[field]}")
+        check = getattr(codebooks, "check_model", None)
+        if check is not None:
+            check(model_config)
+        cfg: GSRQConfig = codebooks.config
+        cfg.validate_for(shapes["head_dim"], shapes["num_kv_heads"])
+        kq = [
+            KVQuantizer.from_codebooks(codebooks, layer, "keys", device, engine=engine, threads=threads)
+            for layer in range(shapes["num_layers"])
+        ]
+        vq = [
+            KVQuantizer.from_codebooks(codebooks, layer, "values", device, engine=engine, threads=threads)
+            for layer in range(shapes["num_layers"])
+        ]
+        return cls(
+            kq,
+            vq,
+            sinks=cfg.sinks if sinks is None else sinks,
+            window=cfg.window if window is None else window,
+            config=cfg,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        model: Any,
+        *,
+        sinks: int | None = None,
+        window: int | None = None,
+        engine: str = "auto",
+        threads: int | None = None,
+    ) -> "GSRQCache":
+        """A cache from a codebook file (see docs/format.md) for ``model`` (a transformers model), on its device."""
+        from gsrq.codebooks import Codebooks
+
+        cbs = Codebooks.load(path)
+        device = None
+        try:
+            device = next(model.parameters()).device
+        except (AttributeError, StopIteration):
+            pass
+        return cls.from_codebooks(
+            cbs, model.config, device, sinks=sinks, window=window, engine=engine, threads=threads
+        )
+
+    # ------------------------------------------------------------- accounting
+    def memory_report(self, include_codebooks: bool = False) -> dict[str, int]:
+        """Bytes held, summed over layers: ``codes``, ``norms``, ``exact``, ``codebooks`` (0 unless included), ``total``."""
+        out = {"codes": 0, "norms": 0, "exact": 0, "codebooks": 0}
+        for layer in self.layers:
+            for k, v in layer.memory_report().items():
+                out[k] += v
+            if include_codebooks:
+                out["codebooks"] += layer.codebook_bytes()
+        out["total"] = sum(out.values())
+        return out
+
+    def memory_bytes(self, include_codebooks: bool = False) -> int:
+        """Bytes really held for the cached sequences: packed codes, key norms, exact sink and window tokens.
+
+        Codebooks (16-bit, shared by all sequences) are added with ``include_codebooks``.
+        """
+        return self.memory_report(include_codebooks)["total"]
+
+    def codebook_bytes(self) -> int:
+        """Bytes of all layers' codebooks in 16-bit floats."""
+        return sum(layer.codebook_bytes() for layer in self.layers)
+
+    def num_elements(self) -> int:
+        """Key and value elements cached over all layers."""
+        return sum(layer.num_elements() for layer in self.layers)
+
+    def bits_per_element(self, include_codebooks: bool = False) -> float:
+        """Held bits over cached key/value elements (0.0 while empty)."""
+        n = self.num_elements()
+        return 8 * self.memory_bytes(include_codebooks) / n if n else 0.0
