@@ -260,7 +260,12 @@ def decode_attention(q: torch.Tensor, ckv: CompressedKV, scale: float) -> torch.
         return reference.fused_decode_attention_ref(q, ckv, scale)
     reason = fused_unsupported_reason(q, ckv)
     if reason is None:
-        out = _decode_attention_cuda(q, ckv, scale)
+        from gsrq.errors import KernelUnavailableError
+
+        try:
+            out = _decode_attention_cuda(q, ckv, scale)
+        except KernelUnavailableError as exc:
+            out = f"kernel launch failed: {exc}"
         if isinstance(out, torch.Tensor):
             return out
         reason = out
@@ -378,10 +383,8 @@ def _decode_attention_cuda(q: torch.Tensor, ckv: CompressedKV, scale: float) -> 
     )
     out = out_exact
     if S > 0:
-        books = ckv.value_codebooks.float()[reference._head_index(Hq, Hkv, Hv, dev)]
-        coded = torch.einsum("bhcmk,hcmkd->bhcd", hist_out.view(B, Hq, Cv, Mv, Kcv), books).reshape(B, Hq, hd)
+        coded = reference._hist_dot_books(hist_out.view(B, Hq, Cv, Mv, Kcv), ckv.value_codebooks.float())
         if ckv.value_map is not None:
-            vm = ckv.value_map.float()
-            coded = torch.einsum("bhi,hij->bhj", coded, vm[reference._head_index(Hq, Hkv, vm.shape[0], dev)])
+            coded = reference._apply_map(coded, ckv.value_map.float())
         out = out + coded
     return out.to(dt)

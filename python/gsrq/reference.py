@@ -94,6 +94,40 @@ def _head_index(num_q_heads: int, num_kv_heads: int, h_books: int, device: torch
     return kv if h_books > 1 else torch.zeros_like(kv)
 
 
+def _q_dot_books(qc: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
+    """``<q chunk, codeword>`` for every codeword: qc ``[B, Hq, C, D]``, books
+    ``[H, C, M, Kc, D]`` (H = 1 shared, else one per KV head) -> ``[B, Hq, C, M, Kc]``."""
+    B, Hq, C, D = qc.shape
+    H = books.shape[0]
+    if H == 1:
+        return torch.einsum("bhcd,cmkd->bhcmk", qc, books[0])
+    G = Hq // H
+    out = torch.einsum("bgqcd,gcmkd->bgqcmk", qc.reshape(B, H, G, C, D), books)
+    return out.reshape(B, Hq, *out.shape[3:])
+
+
+def _hist_dot_books(hist: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
+    """``sum_{m,k} hist[b,h,c,m,k] * books[h_b, c, m, k, :]``: ``[B, Hq, C, M, Kc]`` -> ``[B, Hq, C*D]``."""
+    B, Hq = hist.shape[:2]
+    H, C, M, Kc, D = books.shape
+    if H == 1:
+        out = torch.einsum("bhcmk,cmkd->bhcd", hist, books[0])
+    else:
+        G = Hq // H
+        out = torch.einsum("bgqcmk,gcmkd->bgqcd", hist.reshape(B, H, G, C, M, Kc), books)
+    return out.reshape(B, Hq, C * D)
+
+
+def _apply_map(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Row vectors times per-head matrices: x ``[B, Hq, hd]``, maps ``[H, hd, hd]`` -> ``x @ maps[h_b]``."""
+    B, Hq, hd = x.shape
+    H = maps.shape[0]
+    if H == 1:
+        return x @ maps[0]
+    G = Hq // H
+    return torch.einsum("bgqi,gij->bgqj", x.reshape(B, H, G, hd), maps).reshape(B, Hq, hd)
+
+
 def _unpack_rows(codes: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """uint8 ``[B, Hkv, Tc, R]`` -> int64 ``[B, Hkv, Tc, count]`` (empty-safe)."""
     if codes.shape[2] == 0:
@@ -180,9 +214,8 @@ def decode_lut(q: torch.Tensor, ckv, scale: float) -> torch.Tensor:
     H, C, M, Kc, D = books.shape
     qf = q.float()
     if ckv.query_map is not None:
-        qm = ckv.query_map.float()
-        qf = torch.einsum("bhi,hij->bhj", qf, qm[_head_index(Hq, Hkv, qm.shape[0], q.device)])
-    lut = torch.einsum("bhcd,hcmkd->bhcmk", qf.view(B, Hq, C, D), books[_head_index(Hq, Hkv, H, q.device)])
+        qf = _apply_map(qf, ckv.query_map.float())
+    lut = _q_dot_books(qf.view(B, Hq, C, D), books)
     return (lut * scale).reshape(B, Hq, C * M * Kc)
 
 
@@ -262,11 +295,9 @@ def fused_decode_attention_ref(
     out = torch.einsum("bht,bhtd->bhd", pe, ev) * inv[..., None]
     if ms:
         hist = (torch.stack(hists, 2) * ws[..., None]).sum(2) * inv[..., None]  # [B, Hq, CMKv]
-        books_q = vb[_head_index(Hq, Hkv, Hv, dev)]  # [Hq, Cv, Mv, Kcv, Dv]
-        coded = torch.einsum("bhcmk,hcmkd->bhcd", hist.view(B, Hq, Cv, Mv, Kcv), books_q).reshape(B, Hq, hd)
+        coded = _hist_dot_books(hist.view(B, Hq, Cv, Mv, Kcv), vb)
         if ckv.value_map is not None:
-            vm = ckv.value_map.float()
-            coded = torch.einsum("bhi,hij->bhj", coded, vm[_head_index(Hq, Hkv, vm.shape[0], dev)])
+            coded = _apply_map(coded, ckv.value_map.float())
         out = out + coded
     return out.to(q.dtype)
 
