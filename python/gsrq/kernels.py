@@ -314,7 +314,7 @@ def unpack_codes_cuda(packed: Any, bits: int, count: int) -> Any:
         return out
     src = packed.contiguous()
     threads = 256
-    blocks = min((total + threads - 1) // threads, 65535 * 16)
+    blocks = min((total + threads - 1) // threads, 16384)  # grid-stride loop beyond
     REGISTRY.launch(
         "gsrq_unpack_codes",
         _device_index(packed.device),
