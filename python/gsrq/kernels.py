@@ -503,3 +503,12 @@ def run(args: Any) -> int:
         for k in f["kernels"]:
             print(f"      {k}")
     return 0
+
+
+if __name__ == "__main__":  # python -m gsrq.kernels [--json]: the same report as `gsrq info`
+    import argparse
+    import sys
+
+    _p = argparse.ArgumentParser(prog="python -m gsrq.kernels", description="GPU and CUDA kernels found")
+    add_arguments(_p)
+    sys.exit(run(_p.parse_args()))
