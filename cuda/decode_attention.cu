@@ -4,7 +4,7 @@
 //
 // 1. LUT (torch, one batched GEMM): lut[b, qh, c, m, k] = scale * <q'_chunk(c), CBk[h, c, m, k]>,
 //    q' = q @ query_map (or q), float32 [B, Hq, Ck*Mk*Kck].
-// 2. gsrq_decode_attention_split: grid (S, Hkv * G/GB, B), 256 threads. Block
+// 2. gsrq_decode_attention_split: grid (S, Hkv * G/GB, B), 512 threads. Block
 //    (split s, KV head g, q-head slice) owns coded tokens [s*L, min((s+1)*L, Tc))
 //    and GB query heads of g's GQA group. It copies their LUT rows into shared
 //    memory, then
@@ -35,7 +35,7 @@
 
 namespace {
 
-constexpr int kSplitThreads = 256;
+constexpr int kSplitThreads = 512;
 constexpr int kMergeThreads = 128;
 constexpr int kMaxGB = 8;
 
@@ -54,19 +54,42 @@ __device__ float block_reduce(float v, float* scratch) {
     return r;
 }
 
+// Calls f(i, code_i) for the `count` codes of a packed row. With `words` set
+// (host-checked: 8-bit codes, row length and base address multiples of 4) the
+// row is read as 32-bit words, four codes per load; otherwise code by code.
+template <typename F>
+__device__ __forceinline__ void for_each_code(const uint8_t* __restrict__ row, int count, int bits, int row_bytes,
+                                              bool words, F&& f) {
+    if (words) {
+        const uint32_t* w = reinterpret_cast<const uint32_t*>(row);
+        const int nw = (count + 3) >> 2;
+        for (int j = 0; j < nw; ++j) {
+            const uint32_t v = __ldg(w + j);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const int i = 4 * j + k;
+                if (i < count) f(i, (v >> (8 * k)) & 0xffu);
+            }
+        }
+    } else {
+        for (int i = 0; i < count; ++i) f(i, gsrq::load_code(row, i, bits, row_bytes));
+    }
+}
+
 // Score of coded token t for GB query heads, from the shared LUT.
 __device__ __forceinline__ void coded_scores(const uint8_t* __restrict__ krow, const float* __restrict__ lut_s,
-                                             int CMk, int Kck, int bits_k, int Rk, int GB, float norm,
+                                             int CMk, int Kck, int bits_k, int Rk, bool words_k, int GB, float norm,
                                              float (&s)[kMaxGB]) {
     const int lut_stride = CMk * Kck;
 #pragma unroll
     for (int gq = 0; gq < kMaxGB; ++gq) s[gq] = 0.f;
-    for (int i = 0; i < CMk; ++i) {
-        const int base = i * Kck + static_cast<int>(gsrq::load_code(krow, i, bits_k, Rk));
+    for_each_code(krow, CMk, bits_k, Rk, words_k, [&](int i, uint32_t code) {
+        // min(): a code >= Kc (never written by the encoder) must not index past the table
+        const int base = i * Kck + min(static_cast<int>(code), Kck - 1);
 #pragma unroll
         for (int gq = 0; gq < kMaxGB; ++gq)
             if (gq < GB) s[gq] += lut_s[gq * lut_stride + base];
-    }
+    });
 #pragma unroll
     for (int gq = 0; gq < kMaxGB; ++gq) s[gq] *= norm;
 }
@@ -77,8 +100,8 @@ extern "C" __global__ void __launch_bounds__(kSplitThreads) gsrq_decode_attentio
     const float* __restrict__ lut, const uint8_t* __restrict__ kcodes, const uint8_t* __restrict__ vcodes,
     const void* __restrict__ key_norms, int norm_kind, const uint8_t* __restrict__ valid, int valid_offset,
     int valid_len, float* __restrict__ m_out, float* __restrict__ l_out, float* __restrict__ hist_out, int Tc,
-    int tokens_per_split, int S, int Hkv, int G, int GB, int CMk, int Kck, int bits_k, int Rk, int CMv, int Kcv,
-    int bits_v, int Rv) {
+    int tokens_per_split, int S, int Hkv, int G, int GB, int CMk, int Kck, int bits_k, int Rk, int words_k, int CMv,
+    int Kcv, int bits_v, int Rv, int words_v) {
     extern __shared__ __align__(16) float smem[];
     const int CMKk = CMk * Kck;
     const int CMKv = CMv * Kcv;
@@ -111,7 +134,7 @@ extern "C" __global__ void __launch_bounds__(kSplitThreads) gsrq_decode_attentio
         if (valid != nullptr && !valid[static_cast<long long>(b) * valid_len + valid_offset + t]) continue;
         const float norm = key_norms != nullptr ? gsrq::load_as_float(key_norms, bg * Tc + t, norm_kind) : 1.f;
         float sc[kMaxGB];
-        coded_scores(kcodes + (bg * Tc + t) * Rk, lut_s, CMk, Kck, bits_k, Rk, GB, norm, sc);
+        coded_scores(kcodes + (bg * Tc + t) * Rk, lut_s, CMk, Kck, bits_k, Rk, words_k != 0, GB, norm, sc);
 #pragma unroll
         for (int gq = 0; gq < kMaxGB; ++gq) mx[gq] = fmaxf(mx[gq], sc[gq]);
     }
@@ -134,19 +157,19 @@ extern "C" __global__ void __launch_bounds__(kSplitThreads) gsrq_decode_attentio
         if (valid != nullptr && !valid[static_cast<long long>(b) * valid_len + valid_offset + t]) continue;
         const float norm = key_norms != nullptr ? gsrq::load_as_float(key_norms, bg * Tc + t, norm_kind) : 1.f;
         float p[kMaxGB];
-        coded_scores(kcodes + (bg * Tc + t) * Rk, lut_s, CMk, Kck, bits_k, Rk, GB, norm, p);
+        coded_scores(kcodes + (bg * Tc + t) * Rk, lut_s, CMk, Kck, bits_k, Rk, words_k != 0, GB, norm, p);
 #pragma unroll
         for (int gq = 0; gq < kMaxGB; ++gq) {
             p[gq] = gq < GB ? expf(p[gq] - mx[gq]) : 0.f;
             ls[gq] += p[gq];
         }
         const uint8_t* vrow = vcodes + (bg * Tc + t) * Rv;
-        for (int j = 0; j < CMv; ++j) {
-            const int base = j * Kcv + static_cast<int>(gsrq::load_code(vrow, j, bits_v, Rv));
+        for_each_code(vrow, CMv, bits_v, Rv, words_v != 0, [&](int j, uint32_t code) {
+            const int base = j * Kcv + min(static_cast<int>(code), Kcv - 1);
 #pragma unroll
             for (int gq = 0; gq < kMaxGB; ++gq)
                 if (gq < GB) atomicAdd(hist_s + gq * CMKv + base, p[gq]);
-        }
+        });
     }
 #pragma unroll
     for (int gq = 0; gq < kMaxGB; ++gq) {

@@ -142,8 +142,8 @@ def validate_decode_inputs(q: torch.Tensor, ckv: CompressedKV) -> None:
 # Fast-path limits of the fused kernels (cuda/decode_attention.cu).
 MAX_FAST_CODEBOOK = 256
 _MAX_GB = 8
-_SPLIT_THREADS = 256
-_MERGE_THREADS = 128
+_SPLIT_THREADS = 512  # kSplitThreads in cuda/decode_attention.cu
+_MERGE_THREADS = 128  # kMergeThreads
 _MAX_SPLITS = 64
 _MIN_SPLIT_TOKENS = 256
 _warned: set[str] = set()
@@ -281,6 +281,11 @@ _MERGE_KERNELS = {
 _NORM_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+def _word_reads(codes: torch.Tensor, bits: int) -> bool:
+    """Whether the split kernel may read these packed rows as aligned 32-bit words."""
+    return bits == 8 and codes.shape[3] % 4 == 0 and codes.data_ptr() % 4 == 0
+
+
 def _decode_attention_cuda(q: torch.Tensor, ckv: CompressedKV, scale: float) -> torch.Tensor | str:
     """The fused CUDA path; returns a reason string if this call cannot use it."""
     import numpy as np
@@ -340,10 +345,12 @@ def _decode_attention_cuda(q: torch.Tensor, ckv: CompressedKV, scale: float) -> 
             np.int32(Kck),
             np.int32(ckv.key_bits),
             np.int32(kcodes.shape[3]),
+            np.int32(_word_reads(kcodes, ckv.key_bits)),
             np.int32(Cv * Mv),
             np.int32(Kcv),
             np.int32(ckv.value_bits),
             np.int32(vcodes.shape[3]),
+            np.int32(_word_reads(vcodes, ckv.value_bits)),
         )
     else:
         m_part = l_part = hist = None

@@ -214,7 +214,11 @@ class KernelRegistry:
             from cuda.bindings import driver
 
             attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-            (err,) = driver.cuKernelSetAttribute(attr, int(nbytes), k.handle, driver.CUdevice(device_index))
+            handle = k.handle
+            if isinstance(handle, driver.CUfunction):
+                (err,) = driver.cuFuncSetAttribute(handle, attr, int(nbytes))
+            else:  # cuda.core loads libraries: a context-independent CUkernel, set per device
+                (err,) = driver.cuKernelSetAttribute(attr, int(nbytes), handle, driver.CUdevice(device_index))
         except Exception as exc:  # noqa: BLE001
             raise KernelUnavailableError(f"cannot allow {nbytes} B of shared memory for {name}: {exc}") from exc
         if err != driver.CUresult.CUDA_SUCCESS:
@@ -234,7 +238,9 @@ class KernelRegistry:
         self.ensure_shared_memory(name, device_index, shmem)
         stream = _TorchStream(torch.cuda.current_stream(device_index).cuda_stream)
         try:
-            launch(stream, LaunchConfig(grid=grid, block=block, shmem_size=int(shmem)), k, *args)
+            # the device's primary context (shared with torch) must be current for the launch
+            with torch.cuda.device(device_index):
+                launch(stream, LaunchConfig(grid=grid, block=block, shmem_size=int(shmem)), k, *args)
         except Exception as exc:  # noqa: BLE001
             raise KernelUnavailableError(f"launch of {name} failed: {exc}") from exc
 
