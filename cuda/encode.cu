@@ -22,6 +22,14 @@
 //
 // Dynamic shared memory: TOK*D*4 + 32*(D+1)*4 + TOK*C*M*2 bytes (host checks
 // it fits in 48 KiB, choosing tpw in {4, 2, 1}).
+//
+// gsrq_rq_encode_rows_{f32,f16,bf16}: the same encoding for few rows (a decode
+// step's new tokens), where the tiled kernel would leave the GPU idle and wait
+// on its barriers: one 256-thread block per (token, KV head); thread t scores
+// codewords t, t+256, ... reading them from global memory (L2-resident), the
+// block reduces (distance, index) with the same tie rule. Identical arithmetic
+// (sequential fmaf over d), so both kernels return identical codes.
+// Dynamic shared memory: D*4 + C*M*2 bytes (+ static reduction scratch).
 #include <cfloat>
 
 #include "gsrq/common.cuh"
@@ -142,6 +150,104 @@ __device__ void rq_encode(const T* __restrict__ x, const float* __restrict__ cb,
         int tpw) {                                                                                               \
         rq_encode<T>(x, cb, cb_norms, out, N, Hkv, H, C, M, Kc, D, bits, R, tpw);                                \
     }
+
+namespace {
+
+constexpr int kRowThreads = 256;
+
+template <typename T>
+__device__ void rq_encode_rows(const T* __restrict__ x, const float* __restrict__ cb,
+                               const float* __restrict__ cb_norms, uint8_t* __restrict__ out, long long N, int Hkv,
+                               int H, int C, int M, int Kc, int D, int bits, int R) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ float red_d[kRowThreads / 32];
+    __shared__ int red_i[kRowThreads / 32];
+    float* res = reinterpret_cast<float*>(smem);                // [D]
+    uint16_t* codes = reinterpret_cast<uint16_t*>(res + D);      // [C*M]
+    const long long n = blockIdx.x;
+    const int h = blockIdx.y;
+    const int hb = H == 1 ? 0 : h;
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int head_dim = C * D;
+    if (n >= N) return;
+
+    for (int c = 0; c < C; ++c) {
+        __syncthreads();
+        for (int d = tid; d < D; d += blockDim.x) res[d] = gsrq::to_float<T>(x[(n * Hkv + h) * head_dim + c * D + d]);
+        __syncthreads();
+        for (int m = 0; m < M; ++m) {
+            const long long book = (static_cast<long long>(hb) * C + c) * M + m;
+            const float* cbm = cb + book * Kc * D;
+            const float* nm = cb_norms + book * Kc;
+            float bd = FLT_MAX;
+            int bi = 0x7fffffff;
+            for (int k = tid; k < Kc; k += blockDim.x) {
+                const float* w = cbm + static_cast<long long>(k) * D;
+                float dot = 0.f;
+                for (int d = 0; d < D; ++d) dot = fmaf(res[d], __ldg(w + d), dot);
+                const float dist = nm[k] - 2.f * dot;
+                if (bi == 0x7fffffff || dist < bd) {  // first codeword of this thread, or strictly nearer
+                    bd = dist;
+                    bi = k;
+                }
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                const float od = __shfl_xor_sync(0xffffffffu, bd, o);
+                const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+                if (od < bd || (od == bd && oi < bi)) {
+                    bd = od;
+                    bi = oi;
+                }
+            }
+            if (lane == 0) {
+                red_d[warp] = bd;
+                red_i[warp] = bi;
+            }
+            __syncthreads();
+            if (warp == 0) {
+                const int nw = blockDim.x >> 5;
+                bd = lane < nw ? red_d[lane] : FLT_MAX;
+                bi = lane < nw ? red_i[lane] : 0x7fffffff;
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) {
+                    const float od = __shfl_xor_sync(0xffffffffu, bd, o);
+                    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+                    if (od < bd || (od == bd && oi < bi)) {
+                        bd = od;
+                        bi = oi;
+                    }
+                }
+                if (lane == 0) {
+                    red_i[0] = bi;
+                    codes[c * M + m] = static_cast<uint16_t>(bi);
+                }
+            }
+            __syncthreads();
+            const int win = red_i[0];
+            const float* word = cbm + static_cast<long long>(win) * D;
+            for (int d = tid; d < D; d += blockDim.x) res[d] = res[d] - word[d];
+            __syncthreads();
+        }
+    }
+    for (int j = tid; j < R; j += blockDim.x)
+        out[(n * Hkv + h) * R + j] = gsrq::assemble_byte(codes, C * M, bits, j);
+}
+
+}  // namespace
+
+#define GSRQ_ENCODE_ROWS(NAME, T)                                                                                \
+    extern "C" __global__ void __launch_bounds__(kRowThreads) NAME(                                             \
+        const T* __restrict__ x, const float* __restrict__ cb, const float* __restrict__ cb_norms,               \
+        uint8_t* __restrict__ out, long long N, int Hkv, int H, int C, int M, int Kc, int D, int bits, int R) {  \
+        rq_encode_rows<T>(x, cb, cb_norms, out, N, Hkv, H, C, M, Kc, D, bits, R);                                \
+    }
+
+GSRQ_ENCODE_ROWS(gsrq_rq_encode_rows_f32, float)
+GSRQ_ENCODE_ROWS(gsrq_rq_encode_rows_f16, __half)
+GSRQ_ENCODE_ROWS(gsrq_rq_encode_rows_bf16, __nv_bfloat16)
 
 GSRQ_ENCODE(gsrq_rq_encode_f32, float)
 GSRQ_ENCODE(gsrq_rq_encode_f16, __half)

@@ -26,7 +26,14 @@ from gsrq.errors import KernelUnavailableError
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_KERNELS = {
     "unpack.fatbin": ["gsrq_unpack_codes"],
-    "encode.fatbin": ["gsrq_rq_encode_bf16", "gsrq_rq_encode_f16", "gsrq_rq_encode_f32"],
+    "encode.fatbin": [
+        "gsrq_rq_encode_bf16",
+        "gsrq_rq_encode_f16",
+        "gsrq_rq_encode_f32",
+        "gsrq_rq_encode_rows_bf16",
+        "gsrq_rq_encode_rows_f16",
+        "gsrq_rq_encode_rows_f32",
+    ],
     "decode_attention.fatbin": [
         "gsrq_decode_attention_merge_bf16",
         "gsrq_decode_attention_merge_f16",

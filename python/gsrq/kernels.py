@@ -354,7 +354,12 @@ def encode_plan(D: int, CM: int) -> int | None:
     return None
 
 
-def rq_encode_cuda(x: Any, codebooks: Any, bits: int | None = None, norms: Any = None) -> Any:
+ROWS_KERNEL_MAX = 1024  # rows (tokens x KV heads) up to which the one-block-per-row kernel is used
+
+
+def rq_encode_cuda(
+    x: Any, codebooks: Any, bits: int | None = None, norms: Any = None, variant: str = "auto"
+) -> Any:
     """Fused greedy RQ encoding into packed rows on the GPU.
 
     x: ``[N, Hkv, head_dim]`` fp32 / fp16 / bf16 (CUDA). codebooks:
@@ -363,6 +368,11 @@ def rq_encode_cuda(x: Any, codebooks: Any, bits: int | None = None, norms: Any =
     ``[H, C, M, Kc]`` squared codeword norms. Returns uint8 ``[N, Hkv, R]``,
     ``R = ceil(C*M*bits/8)``, codes ordered ``c*M + m`` — the rows of
     ``pack_codes_torch(rq_encode_torch(...))``.
+
+    variant: ``"tiled"`` (codebooks streamed through shared memory, 8-32
+    tokens per block: prefill), ``"rows"`` (one block per token and head:
+    decode steps) or ``"auto"`` (rows when ``N * Hkv <= ROWS_KERNEL_MAX``).
+    Both give identical codes.
     """
     torch = _torch()
     np = _np()
@@ -385,8 +395,12 @@ def rq_encode_cuda(x: Any, codebooks: Any, bits: int | None = None, norms: Any =
     bits = need_bits if bits is None else int(bits)
     if not need_bits <= bits <= 16:
         raise ShapeError(f"bits={bits} cannot hold codes of Kc={Kc} (need {need_bits}..=16)")
+    if variant not in ("auto", "tiled", "rows"):
+        raise ShapeError(f"variant must be 'auto', 'tiled' or 'rows', got {variant!r}")
     tpw = encode_plan(D, C * M)
-    if tpw is None:
+    if variant == "auto":
+        variant = "rows" if N * Hkv <= ROWS_KERNEL_MAX or tpw is None else "tiled"
+    if variant == "tiled" and tpw is None:
         raise KernelUnavailableError(f"encode kernel: D={D}, C*M={C * M} do not fit in shared memory")
     R = (C * M * bits + 7) // 8
     out = torch.empty(N, Hkv, R, dtype=torch.uint8, device=x.device)
@@ -397,6 +411,20 @@ def rq_encode_cuda(x: Any, codebooks: Any, bits: int | None = None, norms: Any =
         norms = (cb**2).sum(-1)
     norms = norms.float().contiguous()
     xc = x.contiguous()
+    common = (
+        xc.data_ptr(), cb.data_ptr(), norms.data_ptr(), out.data_ptr(), np.int64(N), np.int32(Hkv), np.int32(H),
+        np.int32(C), np.int32(M), np.int32(Kc), np.int32(D), np.int32(bits), np.int32(R),
+    )
+    if variant == "rows":
+        REGISTRY.launch(
+            name.replace("gsrq_rq_encode_", "gsrq_rq_encode_rows_"),
+            _device_index(x.device),
+            (N, Hkv),
+            (256,),
+            D * 4 + C * M * 2,
+            *common,
+        )
+        return out
     tok = 8 * tpw
     REGISTRY.launch(
         name,
@@ -404,19 +432,7 @@ def rq_encode_cuda(x: Any, codebooks: Any, bits: int | None = None, norms: Any =
         ((N + tok - 1) // tok, Hkv),
         (256,),
         encode_shared_bytes(D, C * M, tpw),
-        xc.data_ptr(),
-        cb.data_ptr(),
-        norms.data_ptr(),
-        out.data_ptr(),
-        np.int64(N),
-        np.int32(Hkv),
-        np.int32(H),
-        np.int32(C),
-        np.int32(M),
-        np.int32(Kc),
-        np.int32(D),
-        np.int32(bits),
-        np.int32(R),
+        *common,
         np.int32(tpw),
     )
     return out

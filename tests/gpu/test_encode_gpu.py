@@ -1,6 +1,7 @@
 """Fused RQ encoding on the GPU (gsrq_rq_encode_*) against rq_encode_torch.
 
-Tie rule: both sides pick the lowest index among codewords of minimal
+Both kernel variants (tiled for many rows, one block per row for decode
+steps) are checked and must agree byte for byte. Tie rule: both sides pick the lowest index among codewords of minimal
 ``||c||^2 - 2<r, c>`` in float32. The kernel sums the dot product in a
 different order than torch's einsum, so two codewords whose distances agree to
 within float32 rounding may be ordered differently. The tests therefore check
@@ -79,7 +80,9 @@ def test_encode_matches_reference(kernels, N, Hkv, hd, D, Kc, M, per_head, dtype
     books = _books(H, C, M, Kc, D, seed=N + Kc + M)
     g = torch.Generator().manual_seed(N * 7 + hd)
     x = (torch.randn(N, Hkv, hd, generator=g) * 1.5).to(dtype)
-    packed = kernels.rq_encode_cuda(x.cuda(), books.cuda())
+    packed = kernels.rq_encode_cuda(x.cuda(), books.cuda(), variant="tiled")
+    # the one-block-per-row kernel (decode steps) does the same arithmetic: identical bytes
+    assert torch.equal(kernels.rq_encode_cuda(x.cuda(), books.cuda(), variant="rows"), packed)
     bits = max(1, (Kc - 1).bit_length())
     assert packed.dtype == torch.uint8 and packed.shape == (N, Hkv, (C * M * bits + 7) // 8)
     packed = packed.cpu()
@@ -100,7 +103,8 @@ def test_encode_ties_go_to_lowest_index(kernels):
     half = torch.randn(1, 2, 2, 8, 16, generator=g)
     books = torch.cat([half, half], dim=3)  # codewords k and k+8 are equal
     x = torch.randn(200, 2, 32, generator=g)
-    packed = kernels.rq_encode_cuda(x.cuda(), books.cuda()).cpu()
+    packed = kernels.rq_encode_cuda(x.cuda(), books.cuda(), variant="tiled").cpu()
+    assert torch.equal(kernels.rq_encode_cuda(x.cuda(), books.cuda(), variant="rows").cpu(), packed)
     codes = unpack_codes_torch(packed, 4, 4).view(200, 2, 2, 2)
     assert int(codes.max()) < 8  # never the upper twin
     _greedy_check(x, books, codes)
@@ -118,6 +122,8 @@ def test_encode_empty_and_errors(kernels):
         kernels.rq_encode_cuda(torch.zeros(3, 4, 64, device="cuda"), books.expand(3, -1, -1, -1, -1))
     with pytest.raises(ShapeError, match="float32"):
         kernels.rq_encode_cuda(torch.zeros(3, 4, 64, device="cuda", dtype=torch.int32), books)
+    with pytest.raises(ShapeError, match="variant"):
+        kernels.rq_encode_cuda(torch.zeros(3, 4, 64, device="cuda"), books, variant="fast")
 
 
 def test_encode_runs_on_current_stream(kernels):
