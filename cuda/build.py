@@ -150,6 +150,13 @@ def kernel_names(fatbin: bytes) -> list[str]:
     return sorted({m.group(1).decode() for m in _ENTRY.finditer(fatbin)})
 
 
+def _public_mode() -> int:
+    """0644 under the process umask (mkstemp creates files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o644 & ~umask
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -157,6 +164,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _public_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -174,6 +182,7 @@ def compile_one(nvcc: Path, src: Path, out: Path, flags: list[str]) -> tuple[flo
         r = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if r.returncode != 0:
             raise BuildError(f"nvcc failed on {src.name} (exit {r.returncode}):\n{' '.join(cmd)}\n{r.stderr}{r.stdout}")
+        os.chmod(tmp, _public_mode())
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

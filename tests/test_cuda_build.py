@@ -89,6 +89,10 @@ def test_build_writes_fatbins_and_manifest(small_build):
     assert on_disk == manifest
     assert manifest["archs"] == ["sm_90", "compute_90"]
     assert {e["file"]: e["kernels"] for e in manifest["fatbins"]} == EXPECTED_KERNELS
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ["manifest.json"] + [e["file"] for e in manifest["fatbins"]]:
+        assert (out / name).stat().st_mode & 0o777 == 0o644 & ~umask  # readable by all, like any package file
     for e in manifest["fatbins"]:
         data = (out / e["file"]).read_bytes()
         assert len(data) == e["bytes"] > 1000
