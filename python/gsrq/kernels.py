@@ -88,6 +88,22 @@ def _torch():
     return torch
 
 
+def _cuda_core() -> Any:
+    """The cuda.core namespace (``cuda.core`` from 0.4 on, ``cuda.core.experimental`` before)."""
+    try:
+        import cuda.core as cc
+
+        if hasattr(cc, "ObjectCode") and hasattr(cc, "launch"):
+            return cc
+    except ImportError:
+        pass
+    try:
+        import cuda.core.experimental as cce
+    except ImportError as exc:
+        raise KernelUnavailableError(f"cuda-core is not importable ({exc}); pip install cuda-core") from exc
+    return cce
+
+
 class _TorchStream:
     """A torch stream seen through the ``__cuda_stream__`` protocol of cuda.core."""
 
@@ -106,6 +122,7 @@ class _DeviceKernels:
     objects: dict[str, Any] = field(default_factory=dict)  # fatbin file -> ObjectCode
     kernels: dict[str, Any] = field(default_factory=dict)  # kernel name -> Kernel
     smem_set: dict[str, int] = field(default_factory=dict)  # kernel name -> opted-in bytes
+    binary: dict[str, int] = field(default_factory=dict)  # kernel name -> SASS version loaded (e.g. 90)
 
 
 class KernelRegistry:
@@ -136,10 +153,7 @@ class KernelRegistry:
         raise KernelUnavailableError(f"kernel {name!r} is not in {self._dir / MANIFEST}")
 
     def _device(self, index: int) -> _DeviceKernels:
-        try:
-            from cuda.core import Device
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise KernelUnavailableError(f"cuda-core is not importable ({exc}); pip install cuda-core") from exc
+        Device = _cuda_core().Device
         dk = self._devices.get(index)
         if dk is None:
             try:
@@ -172,16 +186,20 @@ class KernelRegistry:
                 if data is None:
                     data = verify_fatbin(entry, d)
                     self._verified[entry["file"]] = data
-                from cuda.core import ObjectCode
-
+                ObjectCode = _cuda_core().ObjectCode
                 try:
-                    obj = ObjectCode.from_fatbin(data, name=entry["file"])
+                    if hasattr(ObjectCode, "from_fatbin"):
+                        obj = ObjectCode.from_fatbin(data, name=entry["file"])
+                    else:  # cuda-core < 0.3
+                        obj = ObjectCode(data, "fatbin")
                 except Exception as exc:  # noqa: BLE001
                     raise KernelUnavailableError(f"cannot load {d / entry['file']}: {exc}") from exc
                 dk.objects[entry["file"]] = obj
             try:
                 k = obj.get_kernel(name)
-                _ = k.num_arguments  # forces the module to load for this device
+                # querying a per-device attribute loads the code for this device now (CUDA loads lazily),
+                # so a fatbin without SASS/PTX for this GPU fails here, not at the first launch
+                dk.binary[name] = int(k.attributes.binary_version)
             except Exception as exc:  # noqa: BLE001
                 cap = torch.cuda.get_device_capability(device_index)
                 raise KernelUnavailableError(
@@ -231,8 +249,7 @@ class KernelRegistry:
         be numpy scalars of the kernel's parameter type (np.int32, np.int64,
         np.float32).
         """
-        from cuda.core import LaunchConfig, launch
-
+        cc = _cuda_core()
         torch = _torch()
         k = self.get(name, device_index)
         self.ensure_shared_memory(name, device_index, shmem)
@@ -240,7 +257,7 @@ class KernelRegistry:
         try:
             # the device's primary context (shared with torch) must be current for the launch
             with torch.cuda.device(device_index):
-                launch(stream, LaunchConfig(grid=grid, block=block, shmem_size=int(shmem)), k, *args)
+                cc.launch(stream, cc.LaunchConfig(grid=grid, block=block, shmem_size=int(shmem)), k, *args)
         except Exception as exc:  # noqa: BLE001
             raise KernelUnavailableError(f"launch of {name} failed: {exc}") from exc
 
@@ -485,6 +502,8 @@ def info() -> dict[str, Any]:
                     for k in e["kernels"]:
                         REGISTRY.get(k, out["gpu"]["index"])
                     rec["loaded"] = True
+                    sass = {REGISTRY._devices[out["gpu"]["index"]].binary.get(k) for k in e["kernels"]}
+                    rec["sass"] = sorted(f"sm_{v}" for v in sass if v)
                 except KernelUnavailableError as exc:
                     rec["loaded"] = False
                     rec["error"] = str(exc)
@@ -519,7 +538,7 @@ def run(args: Any) -> int:
         return 0
     print(f"built with:     nvcc {rep.get('nvcc')} for {', '.join(rep.get('archs') or [])}")
     for f in rep["fatbins"]:
-        state = "loaded" if f["loaded"] else f"not loaded ({f.get('error', '')})"
+        state = f"loaded ({', '.join(f.get('sass', []))})" if f["loaded"] else f"not loaded ({f.get('error', '')})"
         sha = "sha256 ok" if f["sha256_ok"] else "SHA256 MISMATCH"
         print(f"  {f['file']}: {f['bytes']} bytes, {sha}, {state}")
         for k in f["kernels"]:
