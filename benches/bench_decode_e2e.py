@@ -7,9 +7,12 @@ batch and context: prefill a random prompt of ``ctx`` tokens (in chunks,
 logits only for the last position), then time ``--steps`` greedy decode steps
 (CUDA-synchronised wall clock) and report tokens/s, the KV cache's bytes and
 the peak GPU memory. GSRQ codebooks are random (GSRQConfig.from_bits; 4 exact
-sinks). The attention implementation is ``--attn`` (default: ``gsrq`` when a
-``gsrq`` function is registered in transformers' attention registry, else
-``sdpa``, in which case the cache hands the model its dense reconstruction).
+sinks). The attention implementation is ``--attn`` (default: ``gsrq``,
+registered by gsrq.attention.register_transformers_attention). With ``gsrq``
+the fused kernels run on the decode steps where the cache attaches its compressed view to the keys it returns
+(``gsrq.attention.attach_compressed``); elsewhere the model attends to the
+cache's dense reconstruction. The last column counts the decode-attention
+calls that ran the fused kernels.
 
 Usage:
     python benches/bench_decode_e2e.py [--batch 1,8] [--ctx 4096,32768] [--bits 1] [--steps 32]
@@ -150,19 +153,21 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import DynamicCache, LlamaForCausalLM
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+        from gsrq import attention
         from gsrq.cache import GSRQCache, generate_cache_kwarg
     except ImportError as exc:
         emit(f"Cannot run: {exc}")
         return finish()
-    attn = args.attn or ("gsrq" if "gsrq" in ALL_ATTENTION_FUNCTIONS else "sdpa")
+    attn = args.attn or attention.register_transformers_attention()
+    assert attn in ALL_ATTENTION_FUNCTIONS
     kw = generate_cache_kwarg()
     where = torch.cuda.get_device_name() if dev == "cuda" else "CPU (dry run, tiny model)"
     emit(f"### End-to-end decode, random-init LLaMA-3-8B ({args.layers} layers, fp16) on {where}")
     emit("")
     emit(f"GSRQ runs use attention implementation `{attn}`; fp16 runs use `sdpa` with DynamicCache. {args.steps} decode steps.")
     emit("")
-    emit("| cache | batch | ctx | tokens/s | ms/step | speedup | KV cache GiB | peak GPU GiB | prefill s |")
-    emit("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    emit("| cache | batch | ctx | tokens/s | ms/step | speedup | KV cache GiB | peak GPU GiB | prefill s | fused calls |")
+    emit("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     t_start = time.perf_counter()
     torch.manual_seed(0)
     mcfg = llama3_8b_config(args.layers, "sdpa", tiny=args.dry_run_cpu)
@@ -190,14 +195,16 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     model.config._attn_implementation = "sdpa" if b is None else attn
                     cache = DynamicCache() if b is None else GSRQCache.from_codebooks(books[b], model.config, dev)
+                    before = attention.CALLS["fused"]
                     r = run_one(model, cache, B, ctx, args.steps, kw, dev)
+                    fused = attention.CALLS["fused"] - before
                     del cache
                     if b is None:
                         base = r["tok_s"]
                     speed = f"{r['tok_s'] / base:.2f}x" if base else "n/a"
                     emit(
                         f"| {label} | {B} | {ctx} | {r['tok_s']:.1f} | {r['ms_step']:.1f} | {speed} | "
-                        f"{r['kv_gib']:.3f} | {r['peak_gib']:.1f} | {r['prefill_s']:.1f} |"
+                        f"{r['kv_gib']:.3f} | {r['peak_gib']:.1f} | {r['prefill_s']:.1f} | {fused} |"
                     )
                 except torch.cuda.OutOfMemoryError:
                     emit(f"| {label} | {B} | {ctx} | out of memory |")

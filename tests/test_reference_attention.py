@@ -232,3 +232,53 @@ def test_fused_plan():
     assert small.gb == 2
     assert isinstance(plan_fused(1, 8, 1, 128, 4, 10, 10**6, 10**6, 227 * 1024, 132), str)
     assert plan_fused(1, 8, 1, 128, 4, 0, 4096, 4096, 227 * 1024, 132).splits == 0
+
+
+# ------------------------------------------------------- transformers hook
+
+
+class _Module(torch.nn.Module):
+    def __init__(self, groups: int):
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_attention_hook_matches_sdpa_on_the_reconstruction(mask_kind):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from gsrq.attention import attach_compressed, gsrq_attention_forward
+    from gsrq.reference import dequantize_compressed
+
+    B, Hkv, G, hd = 2, 2, 3, 64
+    ckv = random_compressed_kv(B, Hkv, hd, sinks=2, coded=30, window=3, key_cfg=(16, 256, 2), value_cfg=(16, 256, 2),
+                               dtype=torch.float32, seed=4)
+    T = ckv.num_tokens
+    kc, vc = dequantize_compressed(ckv)
+    dense_k = torch.cat([ckv.sink_keys, kc, ckv.window_keys], dim=2)
+    dense_v = torch.cat([ckv.sink_values, vc, ckv.window_values], dim=2)
+    q = torch.randn(B, Hkv * G, 1, hd, generator=torch.Generator().manual_seed(6))
+    mask = None
+    if mask_kind is not None:
+        allowed = torch.ones(B, 1, 1, T, dtype=torch.bool)
+        allowed[1, ..., :4] = False  # left padding of row 1
+        mask = allowed if mask_kind == "bool" else torch.zeros(B, 1, 1, T).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    module = _Module(G)
+    want, _ = sdpa_attention_forward(module, q, dense_k, dense_v, mask, scaling=0.125)
+    key = attach_compressed(torch.empty(B, Hkv, T, hd), ckv)  # a placeholder: its values are never read
+    got, weights = gsrq_attention_forward(module, q, key, torch.empty(B, Hkv, T, hd), mask, scaling=0.125)
+    assert weights is None and got.shape == (B, 1, Hkv * G, hd)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    # without an attached cache view (prefill) the hook is plain SDPA
+    plain, _ = gsrq_attention_forward(module, q, dense_k, dense_v, mask, scaling=0.125)
+    torch.testing.assert_close(plain, want)
+
+
+def test_register_transformers_attention():
+    from transformers import AttentionInterface
+
+    from gsrq.attention import gsrq_attention_forward, register_transformers_attention
+
+    assert register_transformers_attention() == "gsrq"
+    assert AttentionInterface()["gsrq"] is gsrq_attention_forward

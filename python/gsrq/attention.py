@@ -12,6 +12,7 @@ coded part of the output is ``(sum_t p_t v_hat_t) @ value_map``, where
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -147,6 +148,8 @@ _MERGE_THREADS = 128  # kMergeThreads
 _MAX_SPLITS = 64
 _MIN_SPLIT_TOKENS = 256
 _warned: set[str] = set()
+#: How many decode_attention calls took each path (for benchmarks and diagnostics).
+CALLS = {"fused": 0, "fallback": 0, "reference": 0}
 
 
 def _warn_once(reason: str) -> None:
@@ -257,6 +260,7 @@ def decode_attention(q: torch.Tensor, ckv: CompressedKV, scale: float) -> torch.
     validate_decode_inputs(q, ckv)
     scale = float(scale)
     if not q.is_cuda:
+        CALLS["reference"] += 1
         return reference.fused_decode_attention_ref(q, ckv, scale)
     reason = fused_unsupported_reason(q, ckv)
     if reason is None:
@@ -267,9 +271,11 @@ def decode_attention(q: torch.Tensor, ckv: CompressedKV, scale: float) -> torch.
         except KernelUnavailableError as exc:
             out = f"kernel launch failed: {exc}"
         if isinstance(out, torch.Tensor):
+            CALLS["fused"] += 1
             return out
         reason = out
     _warn_once(reason)
+    CALLS["fallback"] += 1
     return reference.decode_attention_dequant(q, ckv, scale)
 
 
@@ -395,3 +401,72 @@ def _decode_attention_cuda(q: torch.Tensor, ckv: CompressedKV, scale: float) -> 
             coded = reference._apply_map(coded, ckv.value_map.float())
         out = out + coded
     return out.to(dt)
+
+
+# ---------------------------------------------------------------------------
+# transformers hook
+# ---------------------------------------------------------------------------
+
+#: Attribute under which a cache attaches the :class:`CompressedKV` of a decode
+#: step to the key tensor it returns from ``update``.
+COMPRESSED_ATTR = "_gsrq_compressed"
+
+
+def attach_compressed(key: torch.Tensor, ckv: CompressedKV) -> torch.Tensor:
+    """Mark ``key`` (returned by a cache's ``update``) as standing for ``ckv``; returns ``key``.
+
+    :func:`gsrq_attention_forward` then attends over ``ckv`` with the fused
+    kernels instead of over ``key``/``value``, so a cache can hand the model a
+    placeholder instead of a dense reconstruction on decode steps.
+    """
+    setattr(key, COMPRESSED_ATTR, ckv)
+    return key
+
+
+def _valid_from_mask(mask: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
+    """bool ``[B, T]`` from a transformers mask ``[B, 1, q_len, kv_len]`` (bool: True attends; float: 0 attends)."""
+    if mask is None:
+        return None
+    row = mask[:, 0, -1, :num_tokens]
+    return row if row.dtype == torch.bool else row == 0
+
+
+def gsrq_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """A transformers attention function (``attn_implementation="gsrq"``).
+
+    query ``[B, Hq, q_len, hd]``. When ``q_len == 1`` and ``key`` carries a
+    :class:`CompressedKV` (:func:`attach_compressed`), returns
+    :func:`decode_attention` over it as ``[B, 1, Hq, hd]``; otherwise (prefill,
+    or a cache that attached nothing) it is transformers' SDPA attention.
+    """
+    ckv = getattr(key, COMPRESSED_ATTR, None)
+    if ckv is None or query.shape[2] != 1:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    valid = _valid_from_mask(attention_mask, ckv.num_tokens)
+    if valid is not None:
+        ckv = dataclasses.replace(ckv, valid=valid)
+    out = decode_attention(query[:, :, 0], ckv, scale)
+    return out.unsqueeze(1), None
+
+
+def register_transformers_attention(name: str = "gsrq") -> str:
+    """Register :func:`gsrq_attention_forward` in transformers' attention registry; returns ``name``."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, gsrq_attention_forward)
+    return name

@@ -150,3 +150,30 @@ def test_all_padding_row_is_zero():
     q, ckv = _make((2, 1, 2, 64, 2, 40, 2, (16, 256, 2), {"dtype": torch.float16, "padding": 1000}))
     out = decode_attention(q, ckv, 0.125)
     assert (out[1] == 0).all() and torch.isfinite(out).all() and (out[0] != 0).any()
+
+
+def test_transformers_hook_runs_the_kernels():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from gsrq.attention import CALLS, attach_compressed, gsrq_attention_forward
+    from gsrq.reference import dequantize_compressed
+
+    q, ckv = _make((2, 8, 4, 128, 4, 3000, 16, _cfg(ONE_BIT), {"dtype": torch.float16}), seed=12)
+    T = ckv.num_tokens
+    kc, vc = dequantize_compressed(ckv)
+    dense_k = torch.cat([ckv.sink_keys.float(), kc, ckv.window_keys.float()], dim=2)
+    dense_v = torch.cat([ckv.sink_values.float(), vc, ckv.window_values.float()], dim=2)
+    allowed = torch.ones(2, 1, 1, T, dtype=torch.bool, device=DEV)
+    allowed[1, ..., :10] = False
+
+    class Module(torch.nn.Module):
+        num_key_value_groups = 4
+        is_causal = True
+
+    q4 = q.unsqueeze(2)
+    want, _ = sdpa_attention_forward(Module(), q4.float(), dense_k, dense_v, allowed, scaling=0.1)
+    before = CALLS["fused"]
+    key = attach_compressed(torch.empty(2, 8, T, 128, device=DEV, dtype=q.dtype), ckv)
+    got, _ = gsrq_attention_forward(Module(), q4, key, key, allowed, scaling=0.1)
+    assert CALLS["fused"] == before + 1
+    torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)

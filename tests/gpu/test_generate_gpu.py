@@ -109,3 +109,44 @@ def test_greedy_generation_gpu_matches_cpu(kind_cfg):
                 gap = float(top2[0] - top2[1])
                 assert gap < 1e-3, f"row {b} step {t}: GPU chose {g_}, CPU {a}, CPU margin {gap:.3g}"
                 break  # the continuations legitimately differ from here on
+
+
+def test_greedy_generation_through_the_fused_hook(monkeypatch):
+    """Decode steps through attn_implementation="gsrq" (fused kernels) vs the cache's dense reconstruction.
+
+    The cache attaches its compressed view to the keys of single-token updates
+    (what a fused-attention-aware GSRQCache does; emulated here by wrapping
+    GSRQLayer.update) and the model runs transformers' attention registry entry
+    "gsrq". Both runs are on the GPU; tokens must match up to near ties.
+    """
+    from gsrq import attention
+
+    model = _model()
+    books = _books(model, KindConfig(D=64, Kc=256, M=4))
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(3))
+    steps = 16
+    dense_seq, dense_scores = _generate(model, books, ids, "cuda", steps)
+
+    orig = cache_mod.GSRQLayer.update
+
+    def update(self, k, v, *args, **kw):
+        if k.shape[2] != 1:
+            return orig(self, k, v, *args, **kw)
+        view = self.append(k, v)
+        T = view.num_tokens
+        key = attention.attach_compressed(k.new_empty(k.shape[0], k.shape[1], T, k.shape[3]), view)
+        return key, v.new_empty(v.shape[0], v.shape[1], T, v.shape[3])
+
+    monkeypatch.setattr(cache_mod.GSRQLayer, "update", update)
+    monkeypatch.setattr(model.config, "_attn_implementation", attention.register_transformers_attention())
+    before = attention.CALLS["fused"]
+    fused_seq, fused_scores = _generate(model, books, ids, "cuda", steps)
+    assert attention.CALLS["fused"] - before >= 2 * (steps - 1)  # every decode step of both layers
+    n = ids.shape[1]
+    for b in range(2):
+        for t in range(steps):
+            torch.testing.assert_close(fused_scores[t][b], dense_scores[t][b], atol=5e-2, rtol=5e-2)
+            if int(fused_seq[b, n + t]) != int(dense_seq[b, n + t]):
+                top2 = dense_scores[t][b].topk(2).values
+                assert float(top2[0] - top2[1]) < 1e-3
+                break
