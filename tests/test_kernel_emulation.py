@@ -116,6 +116,7 @@ def on_emulator(emu, monkeypatch):
     monkeypatch.setattr(kernels, "_device_index", lambda device: 0)
     props = SimpleNamespace(shared_memory_per_block_optin=227 * 1024, multi_processor_count=3)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda idx: props)
+    monkeypatch.setattr(attention, "_LIMITS", {})
     return calls
 
 

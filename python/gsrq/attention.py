@@ -13,6 +13,7 @@ coded part of the output is ``(sum_t p_t v_hat_t) @ value_map``, where
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -183,6 +184,7 @@ def merge_shared_bytes(hd: int, exact_tokens: int, splits: int) -> int:
     return 4 * (hd + exact_tokens + splits + 32)
 
 
+@functools.lru_cache(maxsize=256)
 def plan_fused(
     batch: int,
     q_heads: int,
@@ -287,6 +289,19 @@ _MERGE_KERNELS = {
 _NORM_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+_LIMITS: dict[int, tuple[int, int]] = {}
+
+
+def _device_limits(idx: int) -> tuple[int, int]:
+    """(opt-in shared memory per block, SM count) of CUDA device ``idx``."""
+    lim = _LIMITS.get(idx)
+    if lim is None:
+        props = torch.cuda.get_device_properties(idx)
+        lim = (int(getattr(props, "shared_memory_per_block_optin", 48 * 1024)), int(props.multi_processor_count))
+        _LIMITS[idx] = lim
+    return lim
+
+
 def _word_reads(codes: torch.Tensor, bits: int) -> bool:
     """Whether the split kernel may read these packed rows as aligned 32-bit words."""
     return bits == 8 and codes.shape[3] % 4 == 0 and codes.data_ptr() % 4 == 0
@@ -300,8 +315,7 @@ def _decode_attention_cuda(q: torch.Tensor, ckv: CompressedKV, scale: float) -> 
 
     dev = q.device
     idx = kernels._device_index(dev)
-    props = torch.cuda.get_device_properties(idx)
-    smem_limit = int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
+    smem_limit, num_sms = _device_limits(idx)
     B, Hq, hd = q.shape
     Hkv = ckv.sink_keys.shape[1]
     G = Hq // Hkv
@@ -309,7 +323,7 @@ def _decode_attention_cuda(q: torch.Tensor, ckv: CompressedKV, scale: float) -> 
     _, Ck, Mk, Kck, _ = ckv.key_codebooks.shape
     Hv, Cv, Mv, Kcv, Dv = ckv.value_codebooks.shape
     cmk_k, cmk_v = Ck * Mk * Kck, Cv * Mv * Kcv
-    plan = plan_fused(B, Hq, Hkv, hd, Ts + Tw, Tc, cmk_k, cmk_v, smem_limit, props.multi_processor_count)
+    plan = plan_fused(B, Hq, Hkv, hd, Ts + Tw, Tc, cmk_k, cmk_v, smem_limit, num_sms)
     if isinstance(plan, str):
         return plan
     S = plan.splits
