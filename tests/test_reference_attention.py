@@ -208,7 +208,11 @@ def test_bad_inputs_raise_shape_error(mutate, match):
 
 
 def test_bad_query_raises():
+    from gsrq.errors import InvalidValueError
+
     ckv = _base()
+    with pytest.raises(InvalidValueError, match="scale"):
+        decode_attention(torch.randn(2, 4, 64), ckv, float("nan"))
     with pytest.raises(ShapeError, match="multiple"):
         validate_decode_inputs(torch.randn(2, 3, 64), ckv)
     with pytest.raises(ShapeError, match="float16"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -261,6 +262,10 @@ def decode_attention(q: torch.Tensor, ckv: CompressedKV, scale: float) -> torch.
 
     validate_decode_inputs(q, ckv)
     scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        from gsrq.errors import InvalidValueError
+
+        raise InvalidValueError(f"scale must be a finite positive number, got {scale}")
     if not q.is_cuda:
         CALLS["reference"] += 1
         return reference.fused_decode_attention_ref(q, ckv, scale)
