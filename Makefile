@@ -52,8 +52,11 @@ demo: ext
 bench-rust:
 	cargo bench --bench pack --bench train
 
+# The wheel carries the extension and the CUDA fatbins (build.rs runs
+# cuda/build.py); fail if the kernels did not make it in.
 wheel: setup
 	$(PY) -m pip wheel --no-deps -w dist .
+	@$(PY) -c "import glob, sys, zipfile; w = sorted(glob.glob('dist/gsrq-*.whl'))[-1]; n = zipfile.ZipFile(w).namelist(); k = [x for x in n if x.startswith('gsrq/_kernels/')]; print(w, *k, sep='\n  '); sys.exit(0 if 'gsrq/_kernels/manifest.json' in k and len(k) >= 4 else 'wheel lacks the CUDA kernels')"
 
 clean:
 	rm -rf target dist build python/gsrq/_kernels $(EXT)

@@ -12,6 +12,10 @@ coded part of the output is ``(sum_t p_t v_hat_t) @ value_map``, where
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -60,3 +64,428 @@ class CompressedKV:
     @property
     def num_tokens(self) -> int:
         return int(self.sink_keys.shape[2] + self.key_codes.shape[2] + self.window_keys.shape[2])
+
+
+# ---------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def validate_decode_inputs(q: torch.Tensor, ckv: CompressedKV) -> None:
+    """Raise :class:`gsrq.errors.ShapeError` naming the first inconsistent field."""
+    from gsrq.errors import ShapeError
+
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ShapeError(f"q must be a [batch, q_heads, head_dim] tensor, got {getattr(q, 'shape', type(q))}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise ShapeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    B, Hq, hd = q.shape
+    sk = ckv.sink_keys
+    if sk.dim() != 4:
+        raise ShapeError(f"sink_keys must be [B, Hkv, Ts, head_dim], got {tuple(sk.shape)}")
+    Hkv = sk.shape[1]
+    if Hkv < 1 or Hq % Hkv:
+        raise ShapeError(f"q has {Hq} heads, not a multiple of the {Hkv} KV heads of sink_keys")
+    Tc = ckv.key_codes.shape[2] if ckv.key_codes.dim() == 4 else -1
+    for name in ("sink_keys", "sink_values", "window_keys", "window_values"):
+        t = getattr(ckv, name)
+        if t.dim() != 4 or t.shape[0] != B or t.shape[1] != Hkv or t.shape[3] != hd:
+            raise ShapeError(f"{name} must be [{B}, {Hkv}, T, {hd}], got {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ShapeError(f"{name} must be a float tensor, got {t.dtype}")
+        if t.device != q.device:
+            raise ShapeError(f"{name} is on {t.device}, q on {q.device}")
+    if ckv.sink_values.shape[2] != ckv.sink_keys.shape[2]:
+        raise ShapeError("sink_values and sink_keys hold different token counts")
+    if ckv.window_values.shape[2] != ckv.window_keys.shape[2]:
+        raise ShapeError("window_values and window_keys hold different token counts")
+    for kind in ("key", "value"):
+        codes = getattr(ckv, f"{kind}_codes")
+        books = getattr(ckv, f"{kind}_codebooks")
+        bits = getattr(ckv, f"{kind}_bits")
+        if codes.dtype != torch.uint8 or codes.dim() != 4:
+            raise ShapeError(f"{kind}_codes must be uint8 [B, Hkv, Tc, R], got {codes.dtype} {tuple(codes.shape)}")
+        if codes.shape[:3] != (B, Hkv, Tc):
+            raise ShapeError(f"{kind}_codes must be [{B}, {Hkv}, {Tc}, R], got {tuple(codes.shape)}")
+        if books.dim() != 5 or books.dtype not in _FLOAT_DTYPES:
+            raise ShapeError(f"{kind}_codebooks must be float [H, C, M, Kc, D], got {books.dtype} {tuple(books.shape)}")
+        H, C, M, Kc, D = books.shape
+        if H not in (1, Hkv):
+            raise ShapeError(f"{kind}_codebooks have {H} heads, expected 1 or {Hkv}")
+        if C * D != hd:
+            raise ShapeError(f"{kind}_codebooks cover C*D={C * D} channels, head_dim is {hd}")
+        need = max(1, (Kc - 1).bit_length())
+        if not isinstance(bits, int) or not need <= bits <= 16:
+            raise ShapeError(f"{kind}_bits={bits!r} cannot hold codes of Kc={Kc} (need {need}..=16)")
+        R = (C * M * bits + 7) // 8
+        if codes.shape[3] != R:
+            raise ShapeError(f"{kind}_codes rows hold {codes.shape[3]} bytes, C*M*bits needs {R}")
+        if codes.device != q.device or books.device != q.device:
+            raise ShapeError(f"{kind}_codes / {kind}_codebooks must be on {q.device}")
+    if ckv.key_norms is not None:
+        kn = ckv.key_norms
+        if tuple(kn.shape) != (B, Hkv, Tc) or kn.dtype not in _FLOAT_DTYPES:
+            raise ShapeError(f"key_norms must be float [{B}, {Hkv}, {Tc}], got {kn.dtype} {tuple(kn.shape)}")
+    for name in ("query_map", "value_map"):
+        m = getattr(ckv, name)
+        if m is not None and (m.dim() != 3 or m.shape[0] not in (1, Hkv) or tuple(m.shape[1:]) != (hd, hd)):
+            raise ShapeError(f"{name} must be [1 or {Hkv}, {hd}, {hd}], got {tuple(m.shape)}")
+    if ckv.valid is not None:
+        T = ckv.num_tokens
+        if ckv.valid.dtype != torch.bool or tuple(ckv.valid.shape) != (B, T):
+            raise ShapeError(f"valid must be bool [{B}, {T}], got {ckv.valid.dtype} {tuple(ckv.valid.shape)}")
+
+
+# ---------------------------------------------------------------------------
+# dispatcher
+# ---------------------------------------------------------------------------
+
+# Fast-path limits of the fused kernels (cuda/decode_attention.cu).
+MAX_FAST_CODEBOOK = 256
+_MAX_GB = 8
+_SPLIT_THREADS = 512  # kSplitThreads in cuda/decode_attention.cu
+_MERGE_THREADS = 128  # kMergeThreads
+_MAX_SPLITS = 64
+_MIN_SPLIT_TOKENS = 256
+_warned: set[str] = set()
+#: How many decode_attention calls took each path (for benchmarks and diagnostics).
+CALLS = {"fused": 0, "fallback": 0, "reference": 0}
+
+
+def _warn_once(reason: str) -> None:
+    if reason in _warned:
+        return
+    _warned.add(reason)
+    warnings.warn(
+        f"gsrq: fused decode attention not used ({reason}); falling back to dequantize + attention",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+@dataclass(frozen=True)
+class FusedPlan:
+    """Launch geometry of the fused kernels for one call."""
+
+    gb: int  # query heads per split block
+    splits: int  # S
+    tokens_per_split: int
+    split_smem: int  # bytes of dynamic shared memory of the split kernel
+    merge_smem: int
+
+
+def split_shared_bytes(gb: int, cmk_k: int, cmk_v: int) -> int:
+    """Dynamic shared memory of gsrq_decode_attention_split: LUT + histogram + scratch."""
+    return 4 * (gb * cmk_k + gb * cmk_v + 32 + _MAX_GB)
+
+
+def merge_shared_bytes(hd: int, exact_tokens: int, splits: int) -> int:
+    return 4 * (hd + exact_tokens + splits + 32)
+
+
+@functools.lru_cache(maxsize=256)
+def plan_fused(
+    batch: int,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    exact_tokens: int,
+    coded_tokens: int,
+    cmk_k: int,
+    cmk_v: int,
+    smem_limit: int,
+    num_sms: int,
+) -> FusedPlan | str:
+    """Choose GB and the context split; returns a reason string when unsupported."""
+    G = q_heads // kv_heads
+    gb = None
+    for cand in range(min(G, _MAX_GB), 0, -1):
+        if G % cand == 0 and split_shared_bytes(cand, cmk_k, cmk_v) <= smem_limit:
+            gb = cand
+            break
+    if gb is None:
+        return f"lookup tables need {split_shared_bytes(1, cmk_k, cmk_v)} B of shared memory, the device allows {smem_limit}"
+    units = batch * kv_heads * (G // gb)
+    if coded_tokens > 0:
+        s = -(-2 * num_sms // units)
+        s = max(1, min(s, _MAX_SPLITS, -(-coded_tokens // _MIN_SPLIT_TOKENS)))
+        tps = -(-coded_tokens // s)
+        s = -(-coded_tokens // tps)
+    else:
+        s, tps = 0, 0
+    merge = merge_shared_bytes(head_dim, exact_tokens, s)
+    if merge > 48 * 1024:
+        return f"{exact_tokens} exact tokens exceed the merge kernel's shared memory"
+    return FusedPlan(gb, s, tps, split_shared_bytes(gb, cmk_k, cmk_v), merge)
+
+
+def fused_unsupported_reason(q: torch.Tensor, ckv: CompressedKV) -> str | None:
+    """Why the fused CUDA path cannot serve this call, or None when it can."""
+    if not q.is_cuda:
+        return "q is not on a CUDA device"
+    for kind in ("key", "value"):
+        Kc = getattr(ckv, f"{kind}_codebooks").shape[3]
+        if Kc > MAX_FAST_CODEBOOK:
+            return f"{kind} codebooks have Kc={Kc} > {MAX_FAST_CODEBOOK}"
+    if ckv.num_coded >= 2**31 - 1:
+        return "more than 2^31 coded tokens"
+    if q.dtype not in _MERGE_KERNELS:
+        return f"q dtype {q.dtype}"
+    from gsrq import kernels
+    from gsrq.errors import KernelUnavailableError
+
+    try:
+        idx = kernels._device_index(q.device)
+        kernels.REGISTRY.get("gsrq_decode_attention_split", idx)
+        kernels.REGISTRY.get(_MERGE_KERNELS[q.dtype], idx)
+    except KernelUnavailableError as exc:
+        return f"kernels unavailable: {exc}"
+    return None
+
+
+def decode_attention(q: torch.Tensor, ckv: CompressedKV, scale: float) -> torch.Tensor:
+    """Attention of one new query token per sequence over a compressed cache.
+
+    q: ``[batch, q_heads, head_dim]``, fp16 / bf16 (fp32 accepted); ``q_heads``
+    a multiple of the KV heads (GQA). scale: softmax scale (usually
+    ``head_dim ** -0.5``). Returns ``[batch, q_heads, head_dim]`` in q's dtype.
+
+    On CUDA the fused kernels run (LUT scoring over packed key codes, per-code
+    value accumulation, log-sum-exp merge with the exact tokens); a
+    configuration they do not cover falls back to dequantize + attention with a
+    one-time RuntimeWarning. On the CPU the pure-torch reference of the same
+    algorithm (:func:`gsrq.reference.fused_decode_attention_ref`) runs.
+    """
+    from gsrq import reference
+
+    validate_decode_inputs(q, ckv)
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        from gsrq.errors import InvalidValueError
+
+        raise InvalidValueError(f"scale must be a finite positive number, got {scale}")
+    if not q.is_cuda:
+        CALLS["reference"] += 1
+        return reference.fused_decode_attention_ref(q, ckv, scale)
+    reason = fused_unsupported_reason(q, ckv)
+    if reason is None:
+        from gsrq.errors import KernelUnavailableError
+
+        try:
+            out = _decode_attention_cuda(q, ckv, scale)
+        except KernelUnavailableError as exc:
+            out = f"kernel launch failed: {exc}"
+        if isinstance(out, torch.Tensor):
+            CALLS["fused"] += 1
+            return out
+        reason = out
+    _warn_once(reason)
+    CALLS["fallback"] += 1
+    return reference.decode_attention_dequant(q, ckv, scale)
+
+
+_MERGE_KERNELS = {
+    torch.float32: "gsrq_decode_attention_merge_f32",
+    torch.float16: "gsrq_decode_attention_merge_f16",
+    torch.bfloat16: "gsrq_decode_attention_merge_bf16",
+}
+_NORM_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+_LIMITS: dict[int, tuple[int, int]] = {}
+
+
+def _device_limits(idx: int) -> tuple[int, int]:
+    """(opt-in shared memory per block, SM count) of CUDA device ``idx``."""
+    lim = _LIMITS.get(idx)
+    if lim is None:
+        props = torch.cuda.get_device_properties(idx)
+        lim = (int(getattr(props, "shared_memory_per_block_optin", 48 * 1024)), int(props.multi_processor_count))
+        _LIMITS[idx] = lim
+    return lim
+
+
+def _word_reads(codes: torch.Tensor, bits: int) -> bool:
+    """Whether the split kernel may read these packed rows as aligned 32-bit words."""
+    return bits == 8 and codes.shape[3] % 4 == 0 and codes.data_ptr() % 4 == 0
+
+
+def _decode_attention_cuda(q: torch.Tensor, ckv: CompressedKV, scale: float) -> torch.Tensor | str:
+    """The fused CUDA path; returns a reason string if this call cannot use it."""
+    import numpy as np
+
+    from gsrq import kernels, reference
+
+    dev = q.device
+    idx = kernels._device_index(dev)
+    smem_limit, num_sms = _device_limits(idx)
+    B, Hq, hd = q.shape
+    Hkv = ckv.sink_keys.shape[1]
+    G = Hq // Hkv
+    Ts, Tc, Tw = ckv.sink_keys.shape[2], ckv.num_coded, ckv.window_keys.shape[2]
+    _, Ck, Mk, Kck, _ = ckv.key_codebooks.shape
+    Hv, Cv, Mv, Kcv, Dv = ckv.value_codebooks.shape
+    cmk_k, cmk_v = Ck * Mk * Kck, Cv * Mv * Kcv
+    plan = plan_fused(B, Hq, Hkv, hd, Ts + Tw, Tc, cmk_k, cmk_v, smem_limit, num_sms)
+    if isinstance(plan, str):
+        return plan
+    S = plan.splits
+    valid = ckv.valid.contiguous() if ckv.valid is not None else None
+    T = Ts + Tc + Tw
+    f32 = torch.float32
+    if S > 0:
+        lut = reference.decode_lut(q, ckv, scale).contiguous()
+        kcodes = ckv.key_codes.contiguous()
+        vcodes = ckv.value_codes.contiguous()
+        norms = ckv.key_norms.contiguous() if ckv.key_norms is not None else None
+        m_part = torch.empty(B, Hq, S, dtype=f32, device=dev)
+        l_part = torch.empty(B, Hq, S, dtype=f32, device=dev)
+        hist = torch.empty(B, Hq, S, cmk_v, dtype=f32, device=dev)
+        kernels.REGISTRY.launch(
+            "gsrq_decode_attention_split",
+            idx,
+            (S, Hkv * (G // plan.gb), B),
+            (_SPLIT_THREADS,),
+            plan.split_smem,
+            lut.data_ptr(),
+            kcodes.data_ptr(),
+            vcodes.data_ptr(),
+            norms.data_ptr() if norms is not None else 0,
+            np.int32(_NORM_KIND[norms.dtype] if norms is not None else 0),
+            valid.data_ptr() if valid is not None else 0,
+            np.int32(Ts),
+            np.int32(T),
+            m_part.data_ptr(),
+            l_part.data_ptr(),
+            hist.data_ptr(),
+            np.int32(Tc),
+            np.int32(plan.tokens_per_split),
+            np.int32(S),
+            np.int32(Hkv),
+            np.int32(G),
+            np.int32(plan.gb),
+            np.int32(Ck * Mk),
+            np.int32(Kck),
+            np.int32(ckv.key_bits),
+            np.int32(kcodes.shape[3]),
+            np.int32(_word_reads(kcodes, ckv.key_bits)),
+            np.int32(Cv * Mv),
+            np.int32(Kcv),
+            np.int32(ckv.value_bits),
+            np.int32(vcodes.shape[3]),
+            np.int32(_word_reads(vcodes, ckv.value_bits)),
+        )
+    else:
+        m_part = l_part = hist = None
+    dt = q.dtype
+    qc = q.contiguous()
+    sk, sv = ckv.sink_keys.to(dt).contiguous(), ckv.sink_values.to(dt).contiguous()
+    wk, wv = ckv.window_keys.to(dt).contiguous(), ckv.window_values.to(dt).contiguous()
+    out_exact = torch.empty(B, Hq, hd, dtype=f32, device=dev)
+    hist_out = torch.empty(B, Hq, cmk_v, dtype=f32, device=dev)
+    kernels.REGISTRY.launch(
+        _MERGE_KERNELS[dt],
+        idx,
+        (Hq, B),
+        (_MERGE_THREADS,),
+        plan.merge_smem,
+        qc.data_ptr(),
+        sk.data_ptr(),
+        sv.data_ptr(),
+        wk.data_ptr(),
+        wv.data_ptr(),
+        valid.data_ptr() if valid is not None else 0,
+        np.int32(T),
+        m_part.data_ptr() if m_part is not None else 0,
+        l_part.data_ptr() if l_part is not None else 0,
+        hist.data_ptr() if hist is not None else 0,
+        out_exact.data_ptr(),
+        hist_out.data_ptr(),
+        np.float32(scale),
+        np.int32(Ts),
+        np.int32(Tc),
+        np.int32(Tw),
+        np.int32(S),
+        np.int32(Hkv),
+        np.int32(G),
+        np.int32(hd),
+        np.int32(cmk_v),
+    )
+    out = out_exact
+    if S > 0:
+        coded = reference._hist_dot_books(hist_out.view(B, Hq, Cv, Mv, Kcv), ckv.value_codebooks.float())
+        if ckv.value_map is not None:
+            coded = reference._apply_map(coded, ckv.value_map.float())
+        out = out + coded
+    return out.to(dt)
+
+
+# ---------------------------------------------------------------------------
+# transformers hook
+# ---------------------------------------------------------------------------
+
+#: Attribute under which a cache attaches the :class:`CompressedKV` of a decode
+#: step to the key tensor it returns from ``update``.
+COMPRESSED_ATTR = "_gsrq_compressed"
+
+
+def attach_compressed(key: torch.Tensor, ckv: CompressedKV) -> torch.Tensor:
+    """Mark ``key`` (returned by a cache's ``update``) as standing for ``ckv``; returns ``key``.
+
+    :func:`gsrq_attention_forward` then attends over ``ckv`` with the fused
+    kernels instead of over ``key``/``value``, so a cache can hand the model a
+    placeholder instead of a dense reconstruction on decode steps.
+    """
+    setattr(key, COMPRESSED_ATTR, ckv)
+    return key
+
+
+def _valid_from_mask(mask: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
+    """bool ``[B, T]`` from a transformers mask ``[B, 1, q_len, kv_len]`` (bool: True attends; float: 0 attends)."""
+    if mask is None:
+        return None
+    row = mask[:, 0, -1, :num_tokens]
+    return row if row.dtype == torch.bool else row == 0
+
+
+def gsrq_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """A transformers attention function (``attn_implementation="gsrq"``).
+
+    query ``[B, Hq, q_len, hd]``. When ``q_len == 1`` and ``key`` carries a
+    :class:`CompressedKV` (:func:`attach_compressed`), returns
+    :func:`decode_attention` over it as ``[B, 1, Hq, hd]``; otherwise (prefill,
+    or a cache that attached nothing) it is transformers' SDPA attention.
+    """
+    ckv = getattr(key, COMPRESSED_ATTR, None)
+    if ckv is None or query.shape[2] != 1:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    valid = _valid_from_mask(attention_mask, ckv.num_tokens)
+    if valid is not None:
+        ckv = dataclasses.replace(ckv, valid=valid)
+    out = decode_attention(query[:, :, 0], ckv, scale)
+    return out.unsqueeze(1), None
+
+
+def register_transformers_attention(name: str = "gsrq") -> str:
+    """Register :func:`gsrq_attention_forward` in transformers' attention registry; returns ``name``."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, gsrq_attention_forward)
+    return name
