@@ -1,0 +1,144 @@
+"""Fake-quantization perplexity: exactness of the identity, the sink and window
+boundaries, and window attention against a direct per-query oracle."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from gsrq.errors import InvalidValueError, ShapeError
+from gsrq.eval.ppl import (
+    FakeQuantCache,
+    cache_kwarg,
+    forward_logits,
+    identity_quantizer,
+    perplexity,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _ids(T, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 97, (1, T), generator=g)
+
+
+def _noise(scale):
+    """A deterministic 'quantizer': adds noise that depends only on the position."""
+    noise = scale * torch.randn(1, 2, 64, 16, generator=torch.Generator().manual_seed(7))
+
+    def q(x):
+        return x + noise[:, :, : x.shape[-2], :].to(x.dtype)
+    return q
+
+
+def test_identity_quantizer_reproduces_logits_exactly(tiny_model):
+    ids = _ids(40)
+    plain = forward_logits(tiny_model, ids, None)
+    fake = forward_logits(tiny_model, ids, lambda layer, kind: identity_quantizer, sinks=4)
+    assert torch.equal(plain, fake)
+    windows = [_ids(33, s)[0] for s in range(3)]
+    a = perplexity(tiny_model, windows, None, progress=False)
+    b = perplexity(tiny_model, windows, lambda l, k: identity_quantizer, progress=False)
+    assert a.nll == b.nll and a.tokens == b.tokens == 3 * 32
+
+
+def test_ppl_matches_manual_cross_entropy(tiny_model):
+    ids = _ids(30)
+    res = perplexity(tiny_model, [ids[0]], None, progress=False)
+    with torch.no_grad():
+        logits = tiny_model(ids).logits[0]
+    logp = torch.log_softmax(logits.double(), -1)
+    nll = -sum(float(logp[t, ids[0, t + 1]]) for t in range(29))
+    assert res.tokens == 29
+    assert math.isclose(res.ppl, math.exp(nll / 29), rel_tol=1e-5)
+
+
+def test_sinks_stay_exact_and_rest_is_quantized():
+    seen = {}
+
+    def factory(layer, kind):
+        def q(x):
+            seen[(layer, kind)] = x.shape
+            return torch.zeros_like(x)
+        return q
+
+    cache = FakeQuantCache(factory, sinks=3)
+    k = torch.randn(1, 2, 10, 8)
+    v = torch.randn(1, 2, 10, 8)
+    k_hat, v_hat = cache.update(k, v, 0)
+    assert torch.equal(k_hat[:, :, :3], k[:, :, :3]) and torch.equal(v_hat[:, :, :3], v[:, :, :3])
+    assert not k_hat[:, :, 3:].any() and not v_hat[:, :, 3:].any()
+    assert seen[(0, "keys")] == (1, 2, 7, 8)
+    # the cache keeps exact tensors
+    assert torch.equal(cache.layers[0].keys, k)
+
+
+def test_quantizer_returning_wrong_shape_is_an_error():
+    cache = FakeQuantCache(lambda l, k: (lambda x: x[..., :-1]), sinks=0)
+    with pytest.raises(ShapeError, match="layer 0 keys"):
+        cache.update(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), 0)
+    with pytest.raises(InvalidValueError):
+        FakeQuantCache(lambda l, k: None, sinks=-1)
+
+
+class _StreamingOracle(DynamicCache):
+    """Token-by-token decoding: at step i the cache returns key/value j exact iff
+    i - j < window or j < sinks, else quant(x)[j] (quant sees positions sinks..i)."""
+
+    def __init__(self, quant, sinks, window):
+        super().__init__()
+        self.quant, self.sinks, self.window = quant, sinks, window
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        keys, values = super().update(k, v, layer_idx, *args, **kwargs)
+        i = keys.shape[-2] - 1
+        pos = torch.arange(i + 1)
+        exact = ((i - pos) < self.window) | (pos < self.sinks)
+
+        def sel(x):
+            xq = torch.cat([x[..., : self.sinks, :], self.quant(x[..., self.sinks :, :])], dim=-2)
+            return torch.where(exact[None, None, :, None], x, xq)
+
+        return sel(keys), sel(values)
+
+
+def _oracle_logits(model, ids, quant, sinks, window):
+    cache = _StreamingOracle(quant, sinks, window)
+    out = []
+    with torch.no_grad():
+        for i in range(ids.shape[1]):
+            out.append(model(input_ids=ids[:, i : i + 1], use_cache=True, **{cache_kwarg(model): cache}).logits[:, -1])
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("window", [1, 5])
+def test_window_attention_matches_per_query_oracle(tiny_model, window):
+    ids = _ids(14)
+    quant = _noise(0.5)
+    got = forward_logits(tiny_model, ids, lambda l, k: quant, sinks=2, window=window)
+    want = _oracle_logits(tiny_model, ids, quant, sinks=2, window=window)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # and the window matters
+    no_window = forward_logits(tiny_model, ids, lambda l, k: quant, sinks=2, window=0)
+    assert (got - no_window).abs().max() > 1e-3
+
+
+def test_window_covering_everything_is_the_exact_model(tiny_model):
+    ids = _ids(20)
+    plain = forward_logits(tiny_model, ids, None)
+    got = forward_logits(tiny_model, ids, lambda l, k: _noise(1.0), sinks=0, window=20)
+    torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-4)
+    # the model's attention implementation is restored afterwards
+    assert tiny_model.config._attn_implementation != "gsrq_fakequant"
