@@ -50,6 +50,9 @@ class FakeQuantCache(DynamicCache):
         ``[B, Hkv, T, hd]`` to a tensor of the same shape and dtype (``None``:
         that layer/kind stays exact).
     sinks: the first ``sinks`` positions of the cache are always exact.
+    exact_prefill: the first ``update`` of each layer (the prompt, in
+        generation) returns exact tensors; later ones return reconstructions —
+        a cache that attends the prompt exactly and stores it compressed.
     window: ``0`` — attention sees the reconstructions of every position after
         the sinks; ``> 0`` — the exact tensors are returned and the
         reconstructions kept for :func:`window_attention` (run the model under
@@ -60,7 +63,8 @@ class FakeQuantCache(DynamicCache):
     and for simulating a quantized cache during generation.
     """
 
-    def __init__(self, quantizers: QuantizerFactory, *, sinks: int = 4, window: int = 0) -> None:
+    def __init__(self, quantizers: QuantizerFactory, *, sinks: int = 4, window: int = 0,
+                 exact_prefill: bool = False) -> None:
         super().__init__()
         if not isinstance(sinks, int) or sinks < 0:
             raise InvalidValueError(f"sinks must be a non-negative integer, got {sinks!r}")
@@ -69,6 +73,7 @@ class FakeQuantCache(DynamicCache):
         self.quantizers = quantizers
         self.sinks = sinks
         self.window = window
+        self.exact_prefill = exact_prefill
         self._reconstructed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _fake(self, x: torch.Tensor, layer_idx: int, kind: str) -> torch.Tensor:
@@ -85,7 +90,12 @@ class FakeQuantCache(DynamicCache):
         return torch.cat([x[..., : self.sinks, :], x_hat], dim=-2)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        first = len(self.layers) <= layer_idx or self.layers[layer_idx].get_seq_length() == 0
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if first and self.exact_prefill:
+            if self.window > 0:
+                self._reconstructed[layer_idx] = (keys, values)
+            return keys, values
         k_hat = self._fake(keys, layer_idx, "keys")
         v_hat = self._fake(values, layer_idx, "values")
         if self.window > 0:
@@ -170,6 +180,14 @@ def cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def generate_cache_kwarg() -> str:
+    """Name of ``generate``'s cache argument: ``cache`` (newer 5.x) or ``past_key_values``."""
+    from transformers.generation import utils as gen_utils
+
+    names = getattr(gen_utils, "ALL_CACHE_NAMES", None)
+    return "cache" if names and "cache" in names else "past_key_values"
+
+
 def forward_logits(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -239,19 +257,88 @@ def perplexity(
     return PplResult(nll=total, tokens=count, window_nll=per)
 
 
-def token_windows(tokenizer, text: str, ctx: int, n: int) -> torch.Tensor:
-    """The first ``n`` consecutive, non-overlapping ``ctx``-token windows of ``text``.
+def eval_windows(tokenizer, text: str, ctx: int, n: int) -> torch.Tensor:
+    """The first ``n`` consecutive ``ctx``-token windows of ``text`` (int64 ``[n, ctx]``),
+    cut by :func:`gsrq.data.token_windows`; raises if the text is too short."""
+    from gsrq import data
 
-    Returns int64 ``[n, ctx]``; raises if the text is too short.
-    """
     if ctx < 2 or n < 1:
         raise InvalidValueError(f"need ctx >= 2 and at least one window, got ctx={ctx}, windows={n}")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) < ctx * n:
-        raise InvalidValueError(
-            f"text has {len(ids)} tokens, {n} windows of {ctx} need {ctx * n}; lower --windows or --ctx"
-        )
-    return torch.tensor(ids[: ctx * n], dtype=torch.long).reshape(n, ctx)
+    w = data.token_windows(tokenizer, text, ctx, max_tokens=ctx * n)
+    if w.shape[0] < n:
+        raise InvalidValueError(f"the text fills only {w.shape[0]} windows of {ctx} tokens, {n} asked")
+    return w
+
+
+@dataclass
+class PplRow:
+    """One line of the perplexity table."""
+
+    method: str
+    spec: str
+    window: int
+    code_bits: float
+    bits_ctx: float
+    bits_32k: float
+    ppl: float
+    nll: float
+    tokens: int
+    seconds: float
+    codebooks: str | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def ppl_rows(
+    model,
+    tokenizer,
+    model_id: str,
+    methods,
+    windows: torch.Tensor,
+    *,
+    sinks: int = 4,
+    exact_windows: Sequence[int] = (0,),
+    codebook_dir=None,
+    calib=None,
+    progress: bool = True,
+    log=print,
+) -> list[PplRow]:
+    """Perplexity of every method (and every exact-window size) on ``windows`` ``[N, T]``."""
+    import time
+
+    from gsrq.eval import methods as M
+
+    calib = calib or M.CalibrationSettings()
+    _, kv, hd = M.model_shape(model.config)
+    ctx = int(windows.shape[1])
+    rows: list[PplRow] = []
+    for method in methods:
+        cbs, path = (None, None)
+        if method.needs_codebooks:
+            cbs, path = M.load_or_calibrate(method, model, tokenizer, model_id, codebook_dir, calib,
+                                            progress=progress, log=log)
+        cfg = cbs.config if cbs is not None else method.config
+        factory = M.quantizer_factory(method, cbs)
+        for w in exact_windows:
+            t0 = time.perf_counter()
+            res = perplexity(model, windows, factory, sinks=sinks, window=w, progress=progress,
+                             desc=f"{method.label} w={w}")
+            r_ctx = M.rates(method, cfg, ctx, head_dim=hd, num_kv_heads=kv, sinks=sinks, window=w)
+            r_32k = M.rates(method, cfg, 32768, head_dim=hd, num_kv_heads=kv, sinks=sinks, window=w)
+            rows.append(PplRow(method.label, method.spec, w, r_ctx["code"], r_ctx["total"], r_32k["total"],
+                               res.ppl, res.nll, res.tokens, time.perf_counter() - t0,
+                               str(path) if path else None))
+            log(f"  {method.label:<28} window={w:<3} ppl={res.ppl:.3f}")
+    return rows
+
+
+def identity_check(model, window_ids: torch.Tensor, *, sinks: int = 4) -> bool:
+    """True iff the identity quantizer reproduces the plain model's logits bit for bit on one window."""
+    ids = window_ids.reshape(1, -1)
+    plain = forward_logits(model, ids, None)
+    fake = forward_logits(model, ids, lambda layer, kind: identity_quantizer, sinks=sinks)
+    return bool(torch.equal(plain, fake))
 
 
 __all__ = [
@@ -260,8 +347,12 @@ __all__ = [
     "cache_kwarg",
     "fake_quant_attention",
     "forward_logits",
+    "generate_cache_kwarg",
     "identity_quantizer",
     "perplexity",
-    "token_windows",
+    "PplRow",
+    "eval_windows",
+    "identity_check",
+    "ppl_rows",
     "window_attention",
 ]
