@@ -142,3 +142,91 @@ def test_window_covering_everything_is_the_exact_model(tiny_model):
     torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-4)
     # the model's attention implementation is restored afterwards
     assert tiny_model.config._attn_implementation != "gsrq_fakequant"
+
+
+# ------------------------------------------------------------ method specs
+def test_method_specs():
+    from gsrq.config import GSRQConfig
+    from gsrq.errors import ConfigError
+    from gsrq.eval.methods import parse_method, parse_methods
+
+    ms = parse_methods("fp16, kivi2, km:1, gsrq:1, gsrq:0.5, gsrq:1:nograd, gsrq:1:D=16:M=2:tau=2")
+    assert [m.name for m in ms] == ["fp16", "kivi", "gsrq", "gsrq", "gsrq", "gsrq", "gsrq"]
+    assert ms[1].kivi_bits == 2
+    assert ms[2].config == GSRQConfig.from_bits(1.0, method="km")
+    assert ms[3].config == GSRQConfig.from_bits(1.0) and ms[3].label == "GSRQ 1 bit"
+    assert ms[4].config.code_bits_per_element == 0.5
+    assert ms[5].config.grad_weights == "off"
+    c = ms[6].config
+    assert (c.keys.D, c.keys.M, c.values.D, c.values.M, c.tau) == (16, 2, 16, 2, 2.0)
+    for bad in ("gsrq", "gsrq:x", "gsrq:1:bogus", "gsrq:1:D=16", "kivi9", "foo", "gsrq:3"):
+        with pytest.raises(ConfigError):
+            parse_method(bad)
+
+
+def test_rates_and_cache_bytes():
+    from gsrq.eval.methods import cache_bytes, parse_method, rates
+
+    fp = parse_method("fp16")
+    assert cache_bytes(fp, None, 4096, num_layers=30, head_dim=64, num_kv_heads=3, sinks=4, window=0) == \
+        2 * 4096 * 3 * 64 * 30 * 2
+    g = parse_method("gsrq:1")
+    r = rates(g, None, 1024, head_dim=64, num_kv_heads=3, sinks=4, window=0)
+    assert r["code"] == 1.0
+    # codes + 4 exact tokens at 16 bits + codebooks (1 chunk x 8 stages x 256 x 64 x 16 bits per kind)
+    want = (2 * 1020 * 3 * 64 * 1 + 2 * 4 * 3 * 64 * 16 + 2 * 8 * 256 * 64 * 16) / (2 * 1024 * 3 * 64)
+    assert math.isclose(r["total"], want)
+    r64 = rates(g, None, 1024, head_dim=64, num_kv_heads=3, sinks=4, window=64)
+    assert r64["total"] > r["total"]
+
+
+def test_exact_prefill_cache_attends_the_prompt_exactly(tiny_model):
+    ids = _ids(12)
+    zero = lambda l, k: (lambda x: torch.zeros_like(x))  # noqa: E731
+    plain = forward_logits(tiny_model, ids, None)
+    cache = FakeQuantCache(zero, sinks=2, exact_prefill=True)
+    with torch.no_grad():
+        first = tiny_model(input_ids=ids, use_cache=True, **{cache_kwarg(tiny_model): cache}).logits
+        assert torch.equal(first, plain)
+        # the next step sees the stored prompt reconstructed (zeros after the sinks)
+        nxt = tiny_model(input_ids=ids[:, :1], use_cache=True, **{cache_kwarg(tiny_model): cache}).logits
+    ref = FakeQuantCache(zero, sinks=2)
+    with torch.no_grad():
+        tiny_model(input_ids=ids, use_cache=True, **{cache_kwarg(tiny_model): ref})
+        want = tiny_model(input_ids=ids[:, :1], use_cache=True, **{cache_kwarg(tiny_model): ref}).logits
+    torch.testing.assert_close(nxt, want)
+
+
+# ---------------------------------------------------------- reconstruction
+def test_reconstruction_metrics_known_values():
+    from gsrq.eval.recon import reconstruction_metrics
+
+    x = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    y = torch.tensor([[3.0, 0.0], [2.0, 0.0]])
+    m = reconstruction_metrics(x, y)
+    assert math.isclose(m["mse"], (16 + 1) / 4)
+    assert math.isclose(m["nmse"], 17 / 26)
+    assert math.isclose(m["cosine"], (3 / 5 + 1) / 2)
+    assert math.isclose(m["gain_err"], (2 / 5 + 1) / 2)
+    with pytest.raises(ShapeError):
+        reconstruction_metrics(x, y[:1])
+
+
+def test_layer_metrics_on_captured_kv(tiny_model):
+    from gsrq.eval.kivi import KiviQuantizer
+    from gsrq.eval.recon import capture_kv, layer_metrics, summary_rows
+
+    windows = torch.cat([_ids(20, 3), _ids(20, 4)])
+    cap = capture_kv(tiny_model, windows)
+    assert len(cap) == 2 and cap[0]["keys"].shape == (2, 2, 20, 16)
+    # the captured keys are what the cache received: compare with a direct forward
+    cache = DynamicCache()
+    with torch.no_grad():
+        tiny_model(input_ids=windows[:1], use_cache=True, **{cache_kwarg(tiny_model): cache})
+    assert torch.equal(cap[1]["values"][:1], cache.layers[1].values)
+    ident = layer_metrics(cap, lambda l, k: identity_quantizer, sinks=4)
+    assert ident["keys"]["mse"] == [0.0, 0.0] and all(math.isclose(c, 1.0) for c in ident["values"]["cosine"])
+    kivi = layer_metrics(cap, lambda l, k: KiviQuantizer(k), sinks=4)
+    assert all(0 < v < 1 for v in kivi["keys"]["nmse"])
+    rows = summary_rows(kivi)
+    assert rows[-1][0] == "mean" and math.isclose(rows[-1][1], sum(kivi["keys"]["mse"]) / 2)
