@@ -9,7 +9,7 @@ pub enum GsrqError {
     /// A bit width outside 1..=16. Python: `InvalidValueError`.
     InvalidBits { bits: u32 },
     /// A code that needs more than `bits` bits. Python: `InvalidValueError`.
-    CodeOutOfRange { index: usize, value: i64, bits: u32 },
+    CodeOutOfRange { index: usize, value: i128, bits: u32 },
     /// A packed buffer shorter than the codes it must hold. Python: `ShapeError`.
     BufferTooShort { needed: usize, got: usize },
     /// Wrong shapes, sizes or dtypes; the message names the argument. Python: `ShapeError`.

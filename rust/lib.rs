@@ -9,7 +9,9 @@ pub mod codebook;
 pub mod error;
 pub mod gskm;
 pub mod kmeans;
+pub mod linalg;
 pub mod pack;
+pub mod rng;
 pub mod rq;
 
 #[cfg(feature = "python")]
