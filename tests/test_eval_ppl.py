@@ -230,3 +230,55 @@ def test_layer_metrics_on_captured_kv(tiny_model):
     assert all(0 < v < 1 for v in kivi["keys"]["nmse"])
     rows = summary_rows(kivi)
     assert rows[-1][0] == "mean" and math.isclose(rows[-1][1], sum(kivi["keys"]["mse"]) / 2)
+
+
+# --------------------------------------------------------------------- CLI
+def _tiny_model_dir(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(90)]
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    t.save_pretrained(path)
+    g = torch.Generator().manual_seed(5)
+    text = " ".join(words[i] for i in torch.randint(0, 90, (400,), generator=g).tolist())
+    (path / "text.txt").write_text(text)
+    return model, t, text
+
+
+def test_cli_ppl_end_to_end(tmp_path, capsys):
+    import argparse
+    import json
+
+    pytest.importorskip("gsrq.data")
+    from gsrq.eval import cli
+
+    model, tok, text = _tiny_model_dir(tmp_path)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args([
+        "ppl", "--model", str(tmp_path), "--text", str(tmp_path / "text.txt"), "--ctx", "32", "--windows", "3",
+        "--methods", "fp16,kivi2", "--window", "0,8", "--json", str(tmp_path / "out.json"),
+        "--csv", str(tmp_path / "out.csv"), "--plot", str(tmp_path / "ppl.png"), "--no-progress",
+        "--codebooks", str(tmp_path / "books")])
+    assert cli.run(args) == 0
+    out = capsys.readouterr()
+    assert "identity check" in out.err and "exact" in out.err
+    rows = json.loads((tmp_path / "out.json").read_text())
+    assert [(r["spec"], r["window"]) for r in rows] == [("fp16", 0), ("fp16", 8), ("kivi2", 0), ("kivi2", 8)]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    windows = torch.tensor(ids[:96]).reshape(3, 32)
+    want = perplexity(model, windows, None, progress=False)
+    assert math.isclose(rows[0]["ppl"], want.ppl, rel_tol=1e-6)
+    assert math.isclose(rows[1]["ppl"], want.ppl, rel_tol=1e-4)  # identity through window attention
+    assert rows[0]["code_bits"] == 16.0 and rows[2]["code_bits"] == 2.0
+    assert "| KIVI 2-bit" in out.out and (tmp_path / "ppl.png").stat().st_size > 1000
+    assert (tmp_path / "out.csv").read_text().startswith("method,spec,window")

@@ -202,3 +202,18 @@ def test_end_to_end_on_fixtures(model, tokenizer):
     by_task = {r.task: r for r in results}
     for r in same:
         assert [p["pred"] for p in r.predictions] == [p["pred"] for p in by_task[r.task].predictions]
+
+
+def test_cli_refuses_hub_dataset_names():
+    import argparse
+
+    from gsrq.eval import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["longbench", "--data", "THUDM/LongBench", "--tasks", "hotpotqa", "--max-length", "100"])
+    with pytest.raises(InvalidValueError, match="cannot download"):
+        cli.run(args)
+    args = parser.parse_args(["longbench", "--data", str(FIXTURES), "--tasks", "hotpotqa,nope", "--max-length", "100"])
+    with pytest.raises(InvalidValueError, match="unknown LongBench task 'nope'"):
+        cli.run(args)
