@@ -282,3 +282,37 @@ def test_cli_ppl_end_to_end(tmp_path, capsys):
     assert rows[0]["code_bits"] == 16.0 and rows[2]["code_bits"] == 2.0
     assert "| KIVI 2-bit" in out.out and (tmp_path / "ppl.png").stat().st_size > 1000
     assert (tmp_path / "out.csv").read_text().startswith("method,spec,window")
+
+
+def test_codebooks_are_calibrated_once_and_reused(tmp_path, monkeypatch):
+    pytest.importorskip("gsrq.calibrate")
+    pytest.importorskip("gsrq.quantizer")
+    from gsrq.eval import methods as M
+
+    _tiny_model_dir(tmp_path)
+    model, tok, model_id = M.load_model_and_tokenizer(str(tmp_path))
+    method = M.parse_method("gsrq:1:D=8:Kc=16:M=2:iters=2:init_iters=2")
+    calib = M.CalibrationSettings(tokens=256, seq_len=32, text=str(tmp_path / "text.txt"))
+    cbs, path = M.load_or_calibrate(method, model, tok, model_id, tmp_path / "books", calib, progress=False,
+                                    log=lambda s: None)
+    assert path.is_file() and cbs.config.keys.D == 8
+
+    def boom(*a, **k):
+        raise AssertionError("calibrated again")
+
+    monkeypatch.setattr(M, "run_calibration", boom)
+    cbs2, path2 = M.load_or_calibrate(method, model, tok, model_id, tmp_path / "books", calib, progress=False,
+                                      log=lambda s: None)
+    assert path2 == path
+    np = pytest.importorskip("numpy")
+    np.testing.assert_array_equal(cbs2.codebooks(1, "keys"), cbs.codebooks(1, "keys"))
+    # another calibration setting is another file
+    other = M.codebook_path(tmp_path / "books", method, model_id, model.config,
+                            M.CalibrationSettings(tokens=512, seq_len=32, text=str(tmp_path / "text.txt")))
+    assert other != path
+    # the fake-quantized perplexity uses the codebooks: finite and not the fp16 one
+    ids = tok((tmp_path / "text.txt").read_text(), add_special_tokens=False)["input_ids"]
+    windows = torch.tensor(ids[:64]).reshape(2, 32)
+    base = perplexity(model, windows, None, progress=False).ppl
+    q = perplexity(model, windows, M.quantizer_factory(method, cbs), progress=False).ppl
+    assert math.isfinite(q) and q != base

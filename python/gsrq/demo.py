@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
                        and m.config.code_bits_per_element == 1.0)
     from gsrq.cache import GSRQCache
 
-    cache = GSRQCache.from_codebooks(books[gsrq_method.spec], model.config)
+    cache = GSRQCache.from_codebooks(books[gsrq_method.spec], model.config, sinks=args.sinks)
     t0 = time.perf_counter()
     answer = _answer(model, tok, args.prompt, args.max_new_tokens, cache=cache)
     log(f"generated with GSRQCache in {time.perf_counter() - t0:.0f} s")

@@ -202,7 +202,7 @@ def longbench_cache_factory(method, model, cbs, *, sinks: int, fake_quant: bool)
         return lambda: FakeQuantCache(factory, sinks=sinks, exact_prefill=True)
     from gsrq.cache import GSRQCache
 
-    return lambda: GSRQCache.from_codebooks(cbs, model.config)
+    return lambda: GSRQCache.from_codebooks(cbs, model.config, sinks=sinks)
 
 
 def run_longbench(args) -> int:

@@ -257,14 +257,17 @@ def codebook_path(directory: Path, method: Method, model_id: str, hf_config: Any
 
 
 def run_calibration(model: Any, tokenizer: Any, config: GSRQConfig, calib: CalibrationSettings, *,
-                    progress: bool = True) -> Any:
+                    model_id: str | None = None, progress: bool = True) -> Any:
     """Calibrate codebooks for ``model`` (via :func:`gsrq.calibrate.calibrate`)."""
-    from gsrq import calibrate as cal
+    import importlib
+
     from gsrq import data
+
+    cal = importlib.import_module("gsrq.calibrate")  # the attribute gsrq.calibrate is the function
 
     text, summary = data.read_text(calib.text)
     return cal.calibrate(model, tokenizer, text, config, tokens=calib.tokens, seq_len=calib.seq_len,
-                         text_summary=summary, progress=progress, **calib.extra)
+                         model_id=model_id, text_summary=summary, progress=progress, **calib.extra)
 
 
 def load_or_calibrate(method: Method, model: Any, tokenizer: Any, model_id: str, directory: Path | None,
@@ -294,7 +297,7 @@ def load_or_calibrate(method: Method, model: Any, tokenizer: Any, model_id: str,
             return cbs, path
     log(f"[{method.label}] calibrating {method.config.describe()} on {calib.tokens} tokens of {calib.text} ...")
     t0 = time.perf_counter()
-    cbs = run_calibration(model, tokenizer, method.config, calib, progress=progress)
+    cbs = run_calibration(model, tokenizer, method.config, calib, model_id=model_id, progress=progress)
     log(f"[{method.label}] calibrated in {time.perf_counter() - t0:.0f} s")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
