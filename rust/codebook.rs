@@ -134,10 +134,15 @@ struct Meta {
 const KINDS: [&str; 2] = ["keys", "values"];
 
 fn get<'a>(obj: &'a Map<String, Value>, path: &str, key: &str) -> Result<&'a Value> {
-    obj.get(key).ok_or_else(|| fmt_err(format!("metadata field {path}{key} is missing")))
+    obj.get(key)
+        .ok_or_else(|| fmt_err(format!("metadata field {path}{key} is missing")))
 }
 
-fn get_obj<'a>(obj: &'a Map<String, Value>, path: &str, key: &str) -> Result<&'a Map<String, Value>> {
+fn get_obj<'a>(
+    obj: &'a Map<String, Value>,
+    path: &str,
+    key: &str,
+) -> Result<&'a Map<String, Value>> {
     get(obj, path, key)?
         .as_object()
         .ok_or_else(|| fmt_err(format!("metadata field {path}{key} must be an object")))
@@ -160,8 +165,11 @@ fn get_pos_int(obj: &Map<String, Value>, path: &str, key: &str) -> Result<u64> {
 }
 
 fn parse_meta(meta_json: &str) -> Result<Meta> {
-    let doc: Value = serde_json::from_str(meta_json)
-        .map_err(|e| fmt_err(format!("metadata \"{METADATA_KEY}\" is not valid JSON: {e}")))?;
+    let doc: Value = serde_json::from_str(meta_json).map_err(|e| {
+        fmt_err(format!(
+            "metadata \"{METADATA_KEY}\" is not valid JSON: {e}"
+        ))
+    })?;
     let root = doc
         .as_object()
         .ok_or_else(|| fmt_err(format!("metadata \"{METADATA_KEY}\" must be a JSON object")))?;
@@ -209,11 +217,20 @@ fn parse_meta(meta_json: &str) -> Result<Meta> {
             )));
         }
         if !(2..=65536).contains(&k) {
-            return Err(fmt_err(format!("metadata field config.{kind}.Kc must be in 2..=65536, got {k}")));
+            return Err(fmt_err(format!(
+                "metadata field config.{kind}.Kc must be in 2..=65536, got {k}"
+            )));
         }
         *slot = (d, k, m);
     }
-    Ok(Meta { num_layers, num_kv_heads, head_dim, per_head, kinds, dtype })
+    Ok(Meta {
+        num_layers,
+        num_kv_heads,
+        head_dim,
+        per_head,
+        kinds,
+        dtype,
+    })
 }
 
 impl Meta {
@@ -230,7 +247,10 @@ impl Meta {
 fn parse_tensor_name(name: &str) -> Option<(u64, usize, &str)> {
     let rest = name.strip_prefix("layers.")?;
     let (layer, rest) = rest.split_once('.')?;
-    if layer.is_empty() || (layer.len() > 1 && layer.starts_with('0')) || !layer.bytes().all(|b| b.is_ascii_digit()) {
+    if layer.is_empty()
+        || (layer.len() > 1 && layer.starts_with('0'))
+        || !layer.bytes().all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     let layer: u64 = layer.parse().ok()?;
@@ -243,7 +263,10 @@ fn parse_tensor_name(name: &str) -> Option<(u64, usize, &str)> {
 }
 
 /// Checks names, required codebooks and their shapes against the metadata.
-fn check_contents<'a>(meta: &Meta, tensors: impl Iterator<Item = (&'a str, &'a [usize])> + Clone) -> Result<()> {
+fn check_contents<'a>(
+    meta: &Meta,
+    tensors: impl Iterator<Item = (&'a str, &'a [usize])> + Clone,
+) -> Result<()> {
     for (name, _) in tensors.clone() {
         match parse_tensor_name(name) {
             Some((layer, _, _)) if layer >= meta.num_layers => {
@@ -351,15 +374,24 @@ pub fn to_bytes(meta_json: &str, tensors: &[TensorView<'_>], dtype: Dtype) -> Re
 
     let mut header = Map::new();
     let mut metadata = Map::new();
-    metadata.insert(METADATA_KEY.to_string(), Value::String(meta_json.to_string()));
+    metadata.insert(
+        METADATA_KEY.to_string(),
+        Value::String(meta_json.to_string()),
+    );
     header.insert("__metadata__".to_string(), Value::Object(metadata));
     let mut offset = 0usize;
     for t in &sorted {
         let len = t.data.len() * dtype.size();
         let mut entry = Map::new();
-        entry.insert("dtype".into(), Value::String(dtype.safetensors_tag().into()));
+        entry.insert(
+            "dtype".into(),
+            Value::String(dtype.safetensors_tag().into()),
+        );
         entry.insert("shape".into(), Value::from(t.shape.to_vec()));
-        entry.insert("data_offsets".into(), Value::from(vec![offset, offset + len]));
+        entry.insert(
+            "data_offsets".into(),
+            Value::from(vec![offset, offset + len]),
+        );
         header.insert(t.name.to_string(), Value::Object(entry));
         offset += len;
     }
@@ -374,9 +406,18 @@ pub fn to_bytes(meta_json: &str, tensors: &[TensorView<'_>], dtype: Dtype) -> Re
     out.extend_from_slice(&header);
     for t in &sorted {
         match dtype {
-            Dtype::F32 => t.data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            Dtype::F16 => t.data.iter().for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
-            Dtype::BF16 => t.data.iter().for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_le_bytes())),
+            Dtype::F32 => t
+                .data
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            Dtype::F16 => t
+                .data
+                .iter()
+                .for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
+            Dtype::BF16 => t
+                .data
+                .iter()
+                .for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_le_bytes())),
         }
     }
     Ok(out)
@@ -388,9 +429,9 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// directory, fsync, rename over `path`, fsync of the directory. On any
 /// error the temporary file is removed and `path` is untouched.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| GsrqError::InvalidValue(format!("path {} has no file name", path.display())))?;
+    let file_name = path.file_name().ok_or_else(|| {
+        GsrqError::InvalidValue(format!("path {} has no file name", path.display()))
+    })?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -422,7 +463,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Validates and writes a codebook file atomically (see [`write_atomic`]).
-pub fn write_file(path: &Path, meta_json: &str, tensors: &[TensorView<'_>], dtype: Dtype) -> Result<()> {
+pub fn write_file(
+    path: &Path,
+    meta_json: &str,
+    tensors: &[TensorView<'_>],
+    dtype: Dtype,
+) -> Result<()> {
     let bytes = to_bytes(meta_json, tensors, dtype)?;
     write_atomic(path, &bytes)
 }
@@ -443,7 +489,9 @@ fn parse_entry(name: &str, v: &Value) -> Result<Entry> {
         .ok_or_else(|| fmt_err(format!("header entry of tensor {name:?} must be an object")))?;
     for key in obj.keys() {
         if !matches!(key.as_str(), "dtype" | "shape" | "data_offsets") {
-            return Err(fmt_err(format!("header entry of tensor {name:?} has unknown field {key:?}")));
+            return Err(fmt_err(format!(
+                "header entry of tensor {name:?} has unknown field {key:?}"
+            )));
         }
     }
     let tag = obj
@@ -451,7 +499,9 @@ fn parse_entry(name: &str, v: &Value) -> Result<Entry> {
         .and_then(Value::as_str)
         .ok_or_else(|| fmt_err(format!("tensor {name:?} has no string dtype")))?;
     let dtype = Dtype::from_safetensors_tag(tag).ok_or_else(|| {
-        fmt_err(format!("tensor {name:?} has unsupported dtype {tag:?} (expected F16, BF16 or F32)"))
+        fmt_err(format!(
+            "tensor {name:?} has unsupported dtype {tag:?} (expected F16, BF16 or F32)"
+        ))
     })?;
     let ints = |key: &str| -> Result<Vec<usize>> {
         obj.get(key)
@@ -461,17 +511,25 @@ fn parse_entry(name: &str, v: &Value) -> Result<Entry> {
             .map(|x| {
                 x.as_u64()
                     .and_then(|x| usize::try_from(x).ok())
-                    .ok_or_else(|| fmt_err(format!("tensor {name:?}: {key} must hold non-negative integers, got {x}")))
+                    .ok_or_else(|| {
+                        fmt_err(format!(
+                            "tensor {name:?}: {key} must hold non-negative integers, got {x}"
+                        ))
+                    })
             })
             .collect()
     };
     let shape = ints("shape")?;
     let offsets = ints("data_offsets")?;
     let [begin, end] = offsets[..] else {
-        return Err(fmt_err(format!("tensor {name:?}: data_offsets must have two entries, got {offsets:?}")));
+        return Err(fmt_err(format!(
+            "tensor {name:?}: data_offsets must have two entries, got {offsets:?}"
+        )));
     };
     if begin > end {
-        return Err(fmt_err(format!("tensor {name:?}: data_offsets [{begin}, {end}] run backwards")));
+        return Err(fmt_err(format!(
+            "tensor {name:?}: data_offsets [{begin}, {end}] run backwards"
+        )));
     }
     let bytes = numel(&shape)
         .and_then(|n| n.checked_mul(dtype.size()))
@@ -482,14 +540,29 @@ fn parse_entry(name: &str, v: &Value) -> Result<Entry> {
             end - begin
         )));
     }
-    Ok(Entry { name: name.to_string(), dtype, shape, begin, end })
+    Ok(Entry {
+        name: name.to_string(),
+        dtype,
+        shape,
+        begin,
+        end,
+    })
 }
 
 fn decode(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
     match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
     }
 }
 
@@ -510,18 +583,25 @@ pub fn parse_bytes(data: &[u8]) -> Result<CodebookFile> {
         )));
     }
     if n as usize > MAX_HEADER_LEN {
-        return Err(fmt_err(format!("header length {n} exceeds the limit of {MAX_HEADER_LEN} bytes")));
+        return Err(fmt_err(format!(
+            "header length {n} exceeds the limit of {MAX_HEADER_LEN} bytes"
+        )));
     }
     let n = n as usize;
     let header = &data[8..8 + n];
     let body = &data[8 + n..];
     if header.first() != Some(&b'{') {
-        return Err(fmt_err("header does not start with '{' (not a safetensors file)"));
+        return Err(fmt_err(
+            "header does not start with '{' (not a safetensors file)",
+        ));
     }
-    let header = std::str::from_utf8(header).map_err(|e| fmt_err(format!("header is not UTF-8: {e}")))?;
-    let header: Value =
-        serde_json::from_str(header).map_err(|e| fmt_err(format!("header is not valid JSON: {e}")))?;
-    let header = header.as_object().ok_or_else(|| fmt_err("header is not a JSON object"))?;
+    let header =
+        std::str::from_utf8(header).map_err(|e| fmt_err(format!("header is not UTF-8: {e}")))?;
+    let header: Value = serde_json::from_str(header)
+        .map_err(|e| fmt_err(format!("header is not valid JSON: {e}")))?;
+    let header = header
+        .as_object()
+        .ok_or_else(|| fmt_err("header is not a JSON object"))?;
 
     // metadata
     let metadata = header
@@ -531,13 +611,19 @@ pub fn parse_bytes(data: &[u8]) -> Result<CodebookFile> {
         .ok_or_else(|| fmt_err("__metadata__ must be an object"))?;
     for (k, v) in metadata {
         if !v.is_string() {
-            return Err(fmt_err(format!("__metadata__ value of {k:?} must be a string")));
+            return Err(fmt_err(format!(
+                "__metadata__ value of {k:?} must be a string"
+            )));
         }
     }
     let meta_json = metadata
         .get(METADATA_KEY)
         .and_then(Value::as_str)
-        .ok_or_else(|| fmt_err(format!("__metadata__ has no {METADATA_KEY:?} key: not a gsrq codebook file")))?;
+        .ok_or_else(|| {
+            fmt_err(format!(
+                "__metadata__ has no {METADATA_KEY:?} key: not a gsrq codebook file"
+            ))
+        })?;
     let meta = parse_meta(meta_json)?;
 
     // tensor table
@@ -551,7 +637,11 @@ pub fn parse_bytes(data: &[u8]) -> Result<CodebookFile> {
     let mut pos = 0usize;
     for e in &entries {
         if e.begin != pos {
-            let what = if e.begin < pos { "overlaps the previous tensor" } else { "leaves a gap after the previous tensor" };
+            let what = if e.begin < pos {
+                "overlaps the previous tensor"
+            } else {
+                "leaves a gap after the previous tensor"
+            };
             return Err(fmt_err(format!(
                 "tensor {:?}: data_offsets [{}, {}] {what} (expected to start at {pos})",
                 e.name, e.begin, e.end
@@ -575,24 +665,45 @@ pub fn parse_bytes(data: &[u8]) -> Result<CodebookFile> {
             )));
         }
     }
-    check_contents(&meta, entries.iter().map(|e| (e.name.as_str(), e.shape.as_slice())))?;
+    check_contents(
+        &meta,
+        entries
+            .iter()
+            .map(|e| (e.name.as_str(), e.shape.as_slice())),
+    )?;
 
     let mut tensors = BTreeMap::new();
     for e in entries {
         let values = decode(&body[e.begin..e.end], e.dtype);
         if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(fmt_err(format!("tensor {} holds {v} at flat index {i}", e.name)));
+            return Err(fmt_err(format!(
+                "tensor {} holds {v} at flat index {i}",
+                e.name
+            )));
         }
-        tensors.insert(e.name, Tensor { shape: e.shape, data: values });
+        tensors.insert(
+            e.name,
+            Tensor {
+                shape: e.shape,
+                data: values,
+            },
+        );
     }
-    Ok(CodebookFile { meta_json: meta_json.to_string(), tensors, dtype: meta.dtype })
+    Ok(CodebookFile {
+        meta_json: meta_json.to_string(),
+        tensors,
+        dtype: meta.dtype,
+    })
 }
 
 /// Reads, parses and validates a codebook file. I/O failures are
 /// [`GsrqError::Io`]; everything else as [`parse_bytes`].
 pub fn read_file(path: &Path) -> Result<CodebookFile> {
     let data = fs::read(path).map_err(|e| {
-        GsrqError::Io(std::io::Error::new(e.kind(), format!("cannot read codebook file {}: {e}", path.display())))
+        GsrqError::Io(std::io::Error::new(
+            e.kind(),
+            format!("cannot read codebook file {}: {e}", path.display()),
+        ))
     })?;
     parse_bytes(&data)
 }
@@ -623,9 +734,14 @@ mod tests {
         let h = if per_head { 3 } else { 1 };
         let mut out = Vec::new();
         for l in 0..2 {
-            for (kind, shape) in [("keys", vec![h, 2, 2, 4, 4]), ("values", vec![h, 1, 1, 2, 8])] {
+            for (kind, shape) in [
+                ("keys", vec![h, 2, 2, 4, 4]),
+                ("values", vec![h, 1, 1, 2, 8]),
+            ] {
                 let n: usize = shape.iter().product();
-                let data = (0..n).map(|i| ((i * 7 + l) % 13) as f32 * 0.25 - 1.5).collect();
+                let data = (0..n)
+                    .map(|i| ((i * 7 + l) % 13) as f32 * 0.25 - 1.5)
+                    .collect();
                 out.push((format!("layers.{l}.{kind}.codebooks"), shape, data));
             }
         }
@@ -634,7 +750,13 @@ mod tests {
     }
 
     fn views(t: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<TensorView<'_>> {
-        t.iter().map(|(n, s, d)| TensorView { name: n, shape: s, data: d }).collect()
+        t.iter()
+            .map(|(n, s, d)| TensorView {
+                name: n,
+                shape: s,
+                data: d,
+            })
+            .collect()
     }
 
     fn valid_file(dtype: Dtype) -> Vec<u8> {
@@ -677,7 +799,10 @@ mod tests {
         t[0].2[0] = 1.0 + 1.0 / 4096.0; // not representable in f16 or bf16
         let m = meta(2, false, "float16");
         let f = parse_bytes(&to_bytes(&m, &views(&t), Dtype::F16).unwrap()).unwrap();
-        assert_eq!(f.tensors[&t[0].0].data[0], f16::from_f32(t[0].2[0]).to_f32());
+        assert_eq!(
+            f.tensors[&t[0].0].data[0],
+            f16::from_f32(t[0].2[0]).to_f32()
+        );
         let m = meta(2, false, "bfloat16");
         let f = parse_bytes(&to_bytes(&m, &views(&t), Dtype::BF16).unwrap()).unwrap();
         assert_eq!(f.tensors[&t[0].0].data[0], 1.0);
@@ -688,55 +813,119 @@ mod tests {
         let t = tensors(false);
         let v = views(&t);
         // meta/dtype disagreement
-        assert!(matches!(to_bytes(&meta(2, false, "float32"), &v, Dtype::F16), Err(GsrqError::CodebookFormat(m)) if m.contains("dtype")));
+        assert!(
+            matches!(to_bytes(&meta(2, false, "float32"), &v, Dtype::F16), Err(GsrqError::CodebookFormat(m)) if m.contains("dtype"))
+        );
         // a missing layer
-        let e = to_bytes(&meta(3, false, "float16"), &v, Dtype::F16).unwrap_err().to_string();
+        let e = to_bytes(&meta(3, false, "float16"), &v, Dtype::F16)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("layers.2.keys.codebooks is missing"), "{e}");
         // per_head needs H = num_kv_heads
-        let e = to_bytes(&meta(2, true, "float16"), &v, Dtype::F16).unwrap_err().to_string();
-        assert!(e.contains("layers.0.keys.codebooks has shape [1, 2, 2, 4, 4]") && e.contains("[3, 2, 2, 4, 4]"), "{e}");
+        let e = to_bytes(&meta(2, true, "float16"), &v, Dtype::F16)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("layers.0.keys.codebooks has shape [1, 2, 2, 4, 4]")
+                && e.contains("[3, 2, 2, 4, 4]"),
+            "{e}"
+        );
         // NaN and f16 overflow
         let mut bad = tensors(false);
         bad[1].2[5] = f32::NAN;
         let e = to_bytes(&meta(2, false, "float32"), &views(&bad), Dtype::F32).unwrap_err();
-        assert!(matches!(&e, GsrqError::InvalidValue(m) if m.contains("layers.0.values.codebooks") && m.contains("index 5")), "{e}");
+        assert!(
+            matches!(&e, GsrqError::InvalidValue(m) if m.contains("layers.0.values.codebooks") && m.contains("index 5")),
+            "{e}"
+        );
         bad[1].2[5] = 1e6;
         let e = to_bytes(&meta(2, false, "float16"), &views(&bad), Dtype::F16).unwrap_err();
-        assert!(matches!(&e, GsrqError::InvalidValue(m) if m.contains("overflows float16")), "{e}");
+        assert!(
+            matches!(&e, GsrqError::InvalidValue(m) if m.contains("overflows float16")),
+            "{e}"
+        );
         assert!(to_bytes(&meta(2, false, "float32"), &views(&bad), Dtype::F32).is_ok());
         // data length vs shape
         let mut bad = tensors(false);
         bad[0].2.pop();
-        assert!(matches!(to_bytes(&meta(2, false, "float16"), &views(&bad), Dtype::F16), Err(GsrqError::Shape(_))));
+        assert!(matches!(
+            to_bytes(&meta(2, false, "float16"), &views(&bad), Dtype::F16),
+            Err(GsrqError::Shape(_))
+        ));
         // foreign names
         let mut bad = tensors(false);
         bad.push(("model.embed".into(), vec![1], vec![0.0]));
-        let e = to_bytes(&meta(2, false, "float16"), &views(&bad), Dtype::F16).unwrap_err().to_string();
+        let e = to_bytes(&meta(2, false, "float16"), &views(&bad), Dtype::F16)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unexpected tensor name \"model.embed\""), "{e}");
-        for name in ["layers.01.keys.x", "layers.0.queries.x", "layers.0.keys.", "layers.0.keys.a-b"] {
+        for name in [
+            "layers.01.keys.x",
+            "layers.0.queries.x",
+            "layers.0.keys.",
+            "layers.0.keys.a-b",
+        ] {
             let mut bad = tensors(false);
             bad.push((name.into(), vec![1], vec![0.0]));
-            assert!(to_bytes(&meta(2, false, "float16"), &views(&bad), Dtype::F16).is_err(), "{name}");
+            assert!(
+                to_bytes(&meta(2, false, "float16"), &views(&bad), Dtype::F16).is_err(),
+                "{name}"
+            );
         }
         let mut bad = tensors(false);
         bad.push(("layers.2.keys.scale".into(), vec![1], vec![0.0]));
-        let e = to_bytes(&meta(2, false, "float16"), &views(&bad), Dtype::F16).unwrap_err().to_string();
+        let e = to_bytes(&meta(2, false, "float16"), &views(&bad), Dtype::F16)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("names layer 2"), "{e}");
     }
+
+    type MetaEdit = Box<dyn Fn(&mut Value)>;
 
     #[test]
     fn metadata_fields_are_checked_by_name() {
         let base: Value = serde_json::from_str(&meta(2, false, "float16")).unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
-            ("format_version", Box::new(|m| m["format_version"] = 2.into())),
-            ("format_version", Box::new(|m| { m.as_object_mut().unwrap().remove("format_version"); })),
-            ("library_version", Box::new(|m| m["library_version"] = 1.into())),
-            ("model.num_layers", Box::new(|m| m["model"]["num_layers"] = 0.into())),
-            ("model.head_dim", Box::new(|m| m["model"]["head_dim"] = "8".into())),
-            ("model.id", Box::new(|m| { m["model"].as_object_mut().unwrap().remove("id"); })),
-            ("config.keys.D", Box::new(|m| m["config"]["keys"]["D"] = 3.into())),
-            ("config.values.Kc", Box::new(|m| m["config"]["values"]["Kc"] = 1.into())),
-            ("config.per_head", Box::new(|m| m["config"]["per_head"] = 1.into())),
+        let cases: Vec<(&str, MetaEdit)> = vec![
+            (
+                "format_version",
+                Box::new(|m| m["format_version"] = 2.into()),
+            ),
+            (
+                "format_version",
+                Box::new(|m| {
+                    m.as_object_mut().unwrap().remove("format_version");
+                }),
+            ),
+            (
+                "library_version",
+                Box::new(|m| m["library_version"] = 1.into()),
+            ),
+            (
+                "model.num_layers",
+                Box::new(|m| m["model"]["num_layers"] = 0.into()),
+            ),
+            (
+                "model.head_dim",
+                Box::new(|m| m["model"]["head_dim"] = "8".into()),
+            ),
+            (
+                "model.id",
+                Box::new(|m| {
+                    m["model"].as_object_mut().unwrap().remove("id");
+                }),
+            ),
+            (
+                "config.keys.D",
+                Box::new(|m| m["config"]["keys"]["D"] = 3.into()),
+            ),
+            (
+                "config.values.Kc",
+                Box::new(|m| m["config"]["values"]["Kc"] = 1.into()),
+            ),
+            (
+                "config.per_head",
+                Box::new(|m| m["config"]["per_head"] = 1.into()),
+            ),
             ("calibration", Box::new(|m| m["calibration"] = "x".into())),
             ("dtype", Box::new(|m| m["dtype"] = "int8".into())),
         ];
@@ -744,7 +933,9 @@ mod tests {
         for (field, mutate) in cases {
             let mut m = base.clone();
             mutate(&mut m);
-            let e = to_bytes(&m.to_string(), &views(&t), Dtype::F16).unwrap_err().to_string();
+            let e = to_bytes(&m.to_string(), &views(&t), Dtype::F16)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(field), "{field}: {e}");
         }
     }
@@ -774,7 +965,9 @@ mod tests {
         huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(format_msg(parse_bytes(&huge)).contains("header length"));
 
-        let m = format_msg(parse_bytes(&with_header(&good, |h| { h.remove("__metadata__"); })));
+        let m = format_msg(parse_bytes(&with_header(&good, |h| {
+            h.remove("__metadata__");
+        })));
         assert!(m.contains("__metadata__"), "{m}");
         let m = format_msg(parse_bytes(&with_header(&good, |h| {
             h.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
@@ -787,11 +980,17 @@ mod tests {
         let m = format_msg(parse_bytes(&with_header(&good, |h| {
             h["layers.0.keys.codebooks"]["dtype"] = "F32".into();
         })));
-        assert!(m.contains("layers.0.keys.codebooks") && m.contains("needs"), "{m}");
+        assert!(
+            m.contains("layers.0.keys.codebooks") && m.contains("needs"),
+            "{m}"
+        );
         let m = format_msg(parse_bytes(&with_header(&good, |h| {
             h["layers.0.keys.codebooks"]["shape"] = serde_json::json!([1, 2, 2, 4, 2, 2]);
         })));
-        assert!(m.contains("layers.0.keys.codebooks has shape [1, 2, 2, 4, 2, 2]"), "{m}");
+        assert!(
+            m.contains("layers.0.keys.codebooks has shape [1, 2, 2, 4, 2, 2]"),
+            "{m}"
+        );
         let m = format_msg(parse_bytes(&with_header(&good, |h| {
             h["layers.0.keys.codebooks"]["shape"] = serde_json::json!([1, 2, 2, 4, -4]);
         })));
@@ -813,7 +1012,10 @@ mod tests {
         });
         let f = parse_bytes(&swapped).unwrap();
         let g = parse_bytes(&good).unwrap();
-        assert_eq!(f.tensors["layers.0.keys.codebooks"], g.tensors["layers.1.keys.codebooks"]);
+        assert_eq!(
+            f.tensors["layers.0.keys.codebooks"],
+            g.tensors["layers.1.keys.codebooks"]
+        );
         // overlap
         let m = format_msg(parse_bytes(&with_header(&good, |h| {
             let a = h["layers.0.keys.codebooks"]["data_offsets"].clone();
@@ -851,14 +1053,28 @@ mod tests {
         bad[2].2[0] = f32::INFINITY;
         assert!(write_file(&path, &meta(2, true, "float32"), &views(&bad), Dtype::F32).is_err());
         assert!(read_file(&path).is_ok());
-        let names: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "{names:?}");
         // a directory in place of the target: rename fails, temp removed
         let blocked = dir.join("sub");
         fs::create_dir_all(blocked.join("x")).unwrap();
-        assert!(matches!(write_file(&blocked, &meta(2, true, "bfloat16"), &views(&t), Dtype::BF16), Err(GsrqError::Io(_))));
+        assert!(matches!(
+            write_file(
+                &blocked,
+                &meta(2, true, "bfloat16"),
+                &views(&t),
+                Dtype::BF16
+            ),
+            Err(GsrqError::Io(_))
+        ));
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 2);
-        assert!(matches!(read_file(&dir.join("missing")), Err(GsrqError::Io(_))));
+        assert!(matches!(
+            read_file(&dir.join("missing")),
+            Err(GsrqError::Io(_))
+        ));
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -876,8 +1092,10 @@ mod tests {
     fn mutation() -> impl Strategy<Value = Mutation> {
         prop_oneof![
             (any::<prop::sample::Index>(), any::<u8>()).prop_map(|(i, b)| Mutation::SetByte(i, b)),
-            (any::<prop::sample::Index>(), any::<u8>()).prop_map(|(i, b)| Mutation::SetHeaderByte(i, b)),
-            (any::<prop::sample::Index>(), 0u8..10).prop_map(|(i, d)| Mutation::SetHeaderDigit(i, d)),
+            (any::<prop::sample::Index>(), any::<u8>())
+                .prop_map(|(i, b)| Mutation::SetHeaderByte(i, b)),
+            (any::<prop::sample::Index>(), 0u8..10)
+                .prop_map(|(i, d)| Mutation::SetHeaderDigit(i, d)),
             any::<prop::sample::Index>().prop_map(Mutation::Truncate),
             prop::collection::vec(any::<u8>(), 1..16).prop_map(Mutation::Append),
             (0u64..4096).prop_map(Mutation::SetLength),
@@ -888,7 +1106,8 @@ mod tests {
     fn apply(bytes: &mut Vec<u8>, m: &Mutation) {
         // header length as recorded, clamped to the bytes present (an earlier
         // mutation may have broken it)
-        let n = (u64::from_le_bytes(bytes[..8].try_into().unwrap()).min((bytes.len() - 8) as u64)) as usize;
+        let n = (u64::from_le_bytes(bytes[..8].try_into().unwrap()).min((bytes.len() - 8) as u64))
+            as usize;
         match m {
             Mutation::SetHeaderByte(..) if n == 0 => {}
             Mutation::SetByte(i, b) => {
@@ -900,7 +1119,8 @@ mod tests {
                 bytes[i] = *b;
             }
             Mutation::SetHeaderDigit(i, d) => {
-                let digits: Vec<usize> = (8..8 + n).filter(|&j| bytes[j].is_ascii_digit()).collect();
+                let digits: Vec<usize> =
+                    (8..8 + n).filter(|&j| bytes[j].is_ascii_digit()).collect();
                 if !digits.is_empty() {
                     bytes[digits[i.index(digits.len())]] = b'0' + d;
                 }

@@ -67,7 +67,11 @@ pub fn packed_len(count: usize, bits: u32) -> Result<usize> {
     count
         .checked_mul(bits as usize)
         .map(|b| b.div_ceil(8))
-        .ok_or_else(|| GsrqError::InvalidValue(format!("{count} codes of {bits} bits overflow the address space")))
+        .ok_or_else(|| {
+            GsrqError::InvalidValue(format!(
+                "{count} codes of {bits} bits overflow the address space"
+            ))
+        })
 }
 
 // ---------------------------------------------------------------- validation
@@ -81,7 +85,11 @@ fn out_of_range<T: Code>(codes: &[T], bits: u32, base: usize) -> GsrqError {
         .enumerate()
         .find(|(_, c)| c.raw() >> bits != 0)
         .expect("out_of_range called on a valid block");
-    GsrqError::CodeOutOfRange { index: base + i, value: c.value(), bits }
+    GsrqError::CodeOutOfRange {
+        index: base + i,
+        value: c.value(),
+        bits,
+    }
 }
 
 /// `Ok` if every code fits in `bits` bits (vectorised OR-reduction).
@@ -99,6 +107,7 @@ fn validate<T: Code>(codes: &[T], bits: u32, base: usize) -> Result<()> {
 
 /// Packs validated codes; `out.len() == ceil(codes.len()*B/8)`.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // constant-index loops, fully unrolled
 fn pack_const<const B: usize, T: Code>(codes: &[T], out: &mut [u8]) {
     debug_assert_eq!(out.len(), (codes.len() * B).div_ceil(8));
     let groups = codes.len() / 8;
@@ -145,6 +154,7 @@ fn pack_const<const B: usize, T: Code>(codes: &[T], out: &mut [u8]) {
 
 /// Unpacks `out.len()` codes from `packed` (at least `ceil(out.len()*B/8)` bytes).
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // constant-index loops, fully unrolled
 fn unpack_const<const B: usize>(packed: &[u8], out: &mut [u16]) {
     let groups = out.len() / 8;
     let len = (out.len() * B).div_ceil(8);
@@ -173,7 +183,11 @@ fn unpack_const<const B: usize>(packed: &[u8], out: &mut [u16]) {
         // Groups whose 16-byte window lies inside `packed`: two unaligned u64
         // loads, codes 0..4 from byte 0 and codes 4..8 from byte B/2 (bit
         // offset 4 when B is odd; 4*B + 4 <= 64 for B <= 15).
-        let fast = if packed.len() >= 16 { ((packed.len() - 16) / B + 1).min(groups) } else { 0 };
+        let fast = if packed.len() >= 16 {
+            ((packed.len() - 16) / B + 1).min(groups)
+        } else {
+            0
+        };
         let (ofast, oslow) = omain.split_at_mut(fast * 8);
         for (g, o) in ofast.chunks_exact_mut(8).enumerate() {
             let p = &packed[g * B..g * B + 16];
@@ -184,7 +198,10 @@ fn unpack_const<const B: usize>(packed: &[u8], out: &mut [u16]) {
                 o[k + 4] = ((hi >> (k * B)) & mask) as u16;
             }
         }
-        for (o, p) in oslow.chunks_exact_mut(8).zip(pmain[fast * B..].chunks_exact(B)) {
+        for (o, p) in oslow
+            .chunks_exact_mut(8)
+            .zip(pmain[fast * B..].chunks_exact(B))
+        {
             let mut buf = [0u8; 16];
             buf[..B].copy_from_slice(p);
             let w = u128::from_le_bytes(buf);
@@ -232,9 +249,17 @@ macro_rules! dispatch_bits {
 
 /// Validates and packs one stream, block by block; `out` is exactly sized.
 /// `base` offsets the index reported for an out-of-range code.
-fn pack_stream_const<const B: usize, T: Code>(codes: &[T], out: &mut [u8], base: usize) -> Result<()> {
+fn pack_stream_const<const B: usize, T: Code>(
+    codes: &[T],
+    out: &mut [u8],
+    base: usize,
+) -> Result<()> {
     let block_bytes = BLOCK * B / 8;
-    for (i, (c, o)) in codes.chunks(BLOCK).zip(out.chunks_mut(block_bytes)).enumerate() {
+    for (i, (c, o)) in codes
+        .chunks(BLOCK)
+        .zip(out.chunks_mut(block_bytes))
+        .enumerate()
+    {
         validate(c, B as u32, base + i * BLOCK)?;
         pack_const::<B, T>(c, o);
     }
@@ -260,7 +285,10 @@ fn unpack_stream(packed: &[u8], bits: u32, out: &mut [u16]) {
 pub fn pack_into<T: Code>(codes: &[T], bits: u32, out: &mut [u8]) -> Result<usize> {
     let len = packed_len(codes.len(), bits)?;
     if out.len() < len {
-        return Err(GsrqError::BufferTooShort { needed: len, got: out.len() });
+        return Err(GsrqError::BufferTooShort {
+            needed: len,
+            got: out.len(),
+        });
     }
     pack_stream(codes, bits, &mut out[..len], 0)?;
     Ok(len)
@@ -280,7 +308,10 @@ pub fn pack<T: Code>(codes: &[T], bits: u32) -> Result<Vec<u8>> {
 pub fn unpack_into(packed: &[u8], bits: u32, out: &mut [u16]) -> Result<()> {
     let len = packed_len(out.len(), bits)?;
     if packed.len() < len {
-        return Err(GsrqError::BufferTooShort { needed: len, got: packed.len() });
+        return Err(GsrqError::BufferTooShort {
+            needed: len,
+            got: packed.len(),
+        });
     }
     unpack_stream(&packed[..len], bits, out);
     Ok(())
@@ -290,7 +321,10 @@ pub fn unpack_into(packed: &[u8], bits: u32, out: &mut [u16]) -> Result<()> {
 pub fn unpack(packed: &[u8], bits: u32, count: usize) -> Result<Vec<u16>> {
     let len = packed_len(count, bits)?;
     if packed.len() < len {
-        return Err(GsrqError::BufferTooShort { needed: len, got: packed.len() });
+        return Err(GsrqError::BufferTooShort {
+            needed: len,
+            got: packed.len(),
+        });
     }
     let mut out = vec![0u16; count];
     unpack_stream(packed, bits, &mut out);
@@ -302,7 +336,10 @@ pub fn unpack(packed: &[u8], bits: u32, count: usize) -> Result<Vec<u16>> {
 pub fn par_pack_into<T: Code>(codes: &[T], bits: u32, out: &mut [u8]) -> Result<usize> {
     let len = packed_len(codes.len(), bits)?;
     if out.len() < len {
-        return Err(GsrqError::BufferTooShort { needed: len, got: out.len() });
+        return Err(GsrqError::BufferTooShort {
+            needed: len,
+            got: out.len(),
+        });
     }
     if codes.len() < PAR_MIN_CODES {
         pack_stream(codes, bits, &mut out[..len], 0)?;
@@ -323,7 +360,10 @@ pub fn par_pack_into<T: Code>(codes: &[T], bits: u32, out: &mut [u8]) -> Result<
 pub fn par_unpack_into(packed: &[u8], bits: u32, out: &mut [u16]) -> Result<()> {
     let len = packed_len(out.len(), bits)?;
     if packed.len() < len {
-        return Err(GsrqError::BufferTooShort { needed: len, got: packed.len() });
+        return Err(GsrqError::BufferTooShort {
+            needed: len,
+            got: packed.len(),
+        });
     }
     if out.len() < PAR_MIN_CODES {
         unpack_stream(&packed[..len], bits, out);
@@ -344,7 +384,13 @@ pub fn par_unpack_into(packed: &[u8], bits: u32, out: &mut [u16]) -> Result<()> 
 /// every row starts on a byte boundary and its pad bits are zero. Large inputs
 /// run in parallel. A bad code is reported with its flat index `r*row_len + i`
 /// (the lowest one if there are several). Returns `row_bytes`.
-pub fn pack_rows_into<T: Code>(codes: &[T], rows: usize, row_len: usize, bits: u32, out: &mut [u8]) -> Result<usize> {
+pub fn pack_rows_into<T: Code>(
+    codes: &[T],
+    rows: usize,
+    row_len: usize,
+    bits: u32,
+    out: &mut [u8],
+) -> Result<usize> {
     let row_bytes = packed_len(row_len, bits)?;
     let total = rows
         .checked_mul(row_len)
@@ -359,7 +405,10 @@ pub fn pack_rows_into<T: Code>(codes: &[T], rows: usize, row_len: usize, bits: u
         .checked_mul(row_bytes)
         .ok_or_else(|| GsrqError::Shape(format!("{rows} rows of {row_bytes} bytes overflow")))?;
     if out.len() < needed {
-        return Err(GsrqError::BufferTooShort { needed, got: out.len() });
+        return Err(GsrqError::BufferTooShort {
+            needed,
+            got: out.len(),
+        });
     }
     if rows == 0 || row_len == 0 {
         return Ok(row_bytes);
@@ -370,7 +419,11 @@ pub fn pack_rows_into<T: Code>(codes: &[T], rows: usize, row_len: usize, bits: u
     }
     let out = &mut out[..needed];
     let serial = |codes: &[T], out: &mut [u8], first_row: usize| -> Result<()> {
-        for (r, (c, o)) in codes.chunks_exact(row_len).zip(out.chunks_exact_mut(row_bytes)).enumerate() {
+        for (r, (c, o)) in codes
+            .chunks_exact(row_len)
+            .zip(out.chunks_exact_mut(row_bytes))
+            .enumerate()
+        {
             pack_stream(c, bits, o, (first_row + r) * row_len)?;
         }
         Ok(())
@@ -403,16 +456,29 @@ pub fn pack_rows<T: Code>(codes: &[T], rows: usize, row_len: usize, bits: u32) -
 /// Unpacks `count` codes from each of `rows` rows of `stride` bytes (row `r`
 /// at `packed[r*stride..]`, `stride >= ceil(count*bits/8)`; extra bytes of a
 /// row are ignored) into `out` (`rows*count` codes, row-major).
-pub fn unpack_rows_into(packed: &[u8], rows: usize, stride: usize, bits: u32, count: usize, out: &mut [u16]) -> Result<()> {
+pub fn unpack_rows_into(
+    packed: &[u8],
+    rows: usize,
+    stride: usize,
+    bits: u32,
+    count: usize,
+    out: &mut [u16],
+) -> Result<()> {
     let row_bytes = packed_len(count, bits)?;
     if stride < row_bytes {
-        return Err(GsrqError::BufferTooShort { needed: row_bytes, got: stride });
+        return Err(GsrqError::BufferTooShort {
+            needed: row_bytes,
+            got: stride,
+        });
     }
     let in_len = rows
         .checked_mul(stride)
         .ok_or_else(|| GsrqError::Shape(format!("{rows} rows of {stride} bytes overflow")))?;
     if packed.len() < in_len {
-        return Err(GsrqError::BufferTooShort { needed: in_len, got: packed.len() });
+        return Err(GsrqError::BufferTooShort {
+            needed: in_len,
+            got: packed.len(),
+        });
     }
     let total = rows
         .checked_mul(count)
@@ -447,7 +513,13 @@ pub fn unpack_rows_into(packed: &[u8], rows: usize, stride: usize, bits: u32, co
 }
 
 /// Unpacks rows into a new `rows*count` vector (see [`unpack_rows_into`]).
-pub fn unpack_rows(packed: &[u8], rows: usize, stride: usize, bits: u32, count: usize) -> Result<Vec<u16>> {
+pub fn unpack_rows(
+    packed: &[u8],
+    rows: usize,
+    stride: usize,
+    bits: u32,
+    count: usize,
+) -> Result<Vec<u16>> {
     let total = rows
         .checked_mul(count)
         .ok_or_else(|| GsrqError::Shape(format!("{rows} rows of {count} codes overflow")))?;
@@ -492,7 +564,10 @@ mod tests {
         assert_eq!(pack(&[1u8, 2, 3, 4, 5], 3).unwrap(), vec![0xD1, 0x58]);
         assert_eq!(pack(&[0x1234u16], 16).unwrap(), vec![0x34, 0x12]);
         assert_eq!(pack(&[0x3FFu16, 0], 10).unwrap(), vec![0xFF, 0x03, 0x00]);
-        assert_eq!(pack(&[1u8, 0, 1, 1, 0, 0, 0, 1, 1], 1).unwrap(), vec![0b1000_1101, 0b1]);
+        assert_eq!(
+            pack(&[1u8, 0, 1, 1, 0, 0, 0, 1, 1], 1).unwrap(),
+            vec![0b1000_1101, 0b1]
+        );
         assert_eq!(unpack(&[0xD1, 0x58], 3, 5).unwrap(), vec![1, 2, 3, 4, 5]);
     }
 
@@ -500,7 +575,9 @@ mod tests {
     fn every_width_every_small_length() {
         for b in 1..=16u32 {
             for n in 0..40usize {
-                let codes: Vec<u64> = (0..n as u64).map(|i| (i * 2654435761 + 7) & ((1 << b) - 1)).collect();
+                let codes: Vec<u64> = (0..n as u64)
+                    .map(|i| (i * 2654435761 + 7) & ((1 << b) - 1))
+                    .collect();
                 let packed = pack(&codes, b).unwrap();
                 assert_eq!(packed, pack_naive(&codes, b), "b={b} n={n}");
                 let back = unpack(&packed, b, n).unwrap();
@@ -511,37 +588,70 @@ mod tests {
 
     #[test]
     fn errors() {
-        assert!(matches!(pack(&[0u8], 0), Err(GsrqError::InvalidBits { bits: 0 })));
-        assert!(matches!(pack(&[0u8], 17), Err(GsrqError::InvalidBits { bits: 17 })));
-        assert!(matches!(unpack(&[0u8], 17, 1), Err(GsrqError::InvalidBits { bits: 17 })));
+        assert!(matches!(
+            pack(&[0u8], 0),
+            Err(GsrqError::InvalidBits { bits: 0 })
+        ));
+        assert!(matches!(
+            pack(&[0u8], 17),
+            Err(GsrqError::InvalidBits { bits: 17 })
+        ));
+        assert!(matches!(
+            unpack(&[0u8], 17, 1),
+            Err(GsrqError::InvalidBits { bits: 17 })
+        ));
         match pack(&[1u16, 2, 300, 7, 400], 8) {
-            Err(GsrqError::CodeOutOfRange { index: 2, value: 300, bits: 8 }) => {}
+            Err(GsrqError::CodeOutOfRange {
+                index: 2,
+                value: 300,
+                bits: 8,
+            }) => {}
             other => panic!("{other:?}"),
         }
         match pack(&[1i32, -1], 4) {
-            Err(GsrqError::CodeOutOfRange { index: 1, value: -1, bits: 4 }) => {}
+            Err(GsrqError::CodeOutOfRange {
+                index: 1,
+                value: -1,
+                bits: 4,
+            }) => {}
             other => panic!("{other:?}"),
         }
         match pack(&[u64::MAX], 16) {
-            Err(GsrqError::CodeOutOfRange { index: 0, value, .. }) => assert_eq!(value, u64::MAX as i128),
+            Err(GsrqError::CodeOutOfRange {
+                index: 0, value, ..
+            }) => assert_eq!(value, u64::MAX as i128),
             other => panic!("{other:?}"),
         }
         let msg = pack(&[0u16, 70000u32 as u16], 3).unwrap_err().to_string();
         assert!(msg.contains("index 1"), "{msg}");
-        assert!(matches!(unpack(&[0u8; 3], 10, 3), Err(GsrqError::BufferTooShort { needed: 4, got: 3 })));
+        assert!(matches!(
+            unpack(&[0u8; 3], 10, 3),
+            Err(GsrqError::BufferTooShort { needed: 4, got: 3 })
+        ));
         let mut small = [0u8; 1];
-        assert!(matches!(pack_into(&[1u8, 2, 3], 4, &mut small), Err(GsrqError::BufferTooShort { needed: 2, got: 1 })));
+        assert!(matches!(
+            pack_into(&[1u8, 2, 3], 4, &mut small),
+            Err(GsrqError::BufferTooShort { needed: 2, got: 1 })
+        ));
         // an error deep in a long parallel input reports the lowest index
         let mut big = vec![5u16; 3 * PAR_MIN_CODES + 3];
         big[PAR_MIN_CODES + 11] = 64;
         big[2 * PAR_MIN_CODES] = 99;
         let mut out = vec![0u8; packed_len(big.len(), 6).unwrap()];
         match par_pack_into(&big, 6, &mut out) {
-            Err(GsrqError::CodeOutOfRange { index, value: 64, bits: 6 }) => assert_eq!(index, PAR_MIN_CODES + 11),
+            Err(GsrqError::CodeOutOfRange {
+                index,
+                value: 64,
+                bits: 6,
+            }) => assert_eq!(index, PAR_MIN_CODES + 11),
             other => panic!("{other:?}"),
         }
         match pack_rows(&big[..3 * PAR_MIN_CODES], 3 * PAR_MIN_CODES / 64, 64, 6) {
-            Err(GsrqError::CodeOutOfRange { index, value: 64, bits: 6 }) => assert_eq!(index, PAR_MIN_CODES + 11),
+            Err(GsrqError::CodeOutOfRange {
+                index,
+                value: 64,
+                bits: 6,
+            }) => assert_eq!(index, PAR_MIN_CODES + 11),
             other => panic!("{other:?}"),
         }
     }
@@ -558,7 +668,9 @@ mod tests {
     fn parallel_matches_serial() {
         for &b in &[1u32, 3, 8, 10, 12, 13, 16] {
             let n = PAR_MIN_CODES * 2 + 13;
-            let codes: Vec<u32> = (0..n as u32).map(|i| i.wrapping_mul(2654435761) >> (32 - b)).collect();
+            let codes: Vec<u32> = (0..n as u32)
+                .map(|i| i.wrapping_mul(2654435761) >> (32 - b))
+                .collect();
             let serial = pack(&codes, b).unwrap();
             let mut par = vec![0u8; serial.len()];
             par_pack_into(&codes, b, &mut par).unwrap();
@@ -572,11 +684,16 @@ mod tests {
     #[test]
     fn rows_large_parallel() {
         let (rows, len, b) = (5000usize, 61usize, 11u32);
-        let codes: Vec<u16> = (0..rows * len).map(|i| ((i as u64 * 40503) % 2048) as u16).collect();
+        let codes: Vec<u16> = (0..rows * len)
+            .map(|i| ((i as u64 * 40503) % 2048) as u16)
+            .collect();
         let packed = pack_rows(&codes, rows, len, b).unwrap();
         let rb = packed_len(len, b).unwrap();
         for r in [0, 1, 2500, rows - 1] {
-            assert_eq!(&packed[r * rb..(r + 1) * rb], pack(&codes[r * len..(r + 1) * len], b).unwrap().as_slice());
+            assert_eq!(
+                &packed[r * rb..(r + 1) * rb],
+                pack(&codes[r * len..(r + 1) * len], b).unwrap().as_slice()
+            );
         }
         assert_eq!(unpack_rows(&packed, rows, rb, b, len).unwrap(), codes);
     }
@@ -599,7 +716,7 @@ mod tests {
         #[test]
         fn rows_round_trip(b in 1u32..=16, rows in 0usize..12, len in 0usize..40, seed in any::<u64>()) {
             let mask = (1u64 << b) - 1;
-            let codes: Vec<u16> = (0..rows * len as usize)
+            let codes: Vec<u16> = (0..rows * len)
                 .map(|i| ((seed ^ (i as u64).wrapping_mul(0x9E3779B97F4A7C15)).rotate_left(17) & mask) as u16)
                 .collect();
             let packed = pack_rows(&codes, rows, len, b).unwrap();

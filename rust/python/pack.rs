@@ -12,13 +12,20 @@ fn check_bits(bits: i64) -> PyResult<u32> {
     if (1..=pack::MAX_BITS as i64).contains(&bits) {
         Ok(bits as u32)
     } else {
-        Err(gsrq_exception("InvalidValueError", format!("bits must be in 1..=16, got {bits}")))
+        Err(gsrq_exception(
+            "InvalidValueError",
+            format!("bits must be in 1..=16, got {bits}"),
+        ))
     }
 }
 
 fn check_count(count: i64) -> PyResult<usize> {
-    usize::try_from(count)
-        .map_err(|_| gsrq_exception("InvalidValueError", format!("count must be >= 0, got {count}")))
+    usize::try_from(count).map_err(|_| {
+        gsrq_exception(
+            "InvalidValueError",
+            format!("count must be >= 0, got {count}"),
+        )
+    })
 }
 
 /// `flat` as a numpy-style multi-index of `shape` ("5" for 1-D, "(1, 2)" else).
@@ -45,7 +52,9 @@ fn pack_typed<'py, T: Code + Element>(
 ) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
     let shape = codes.shape().to_vec();
     let Some((&n, lead)) = shape.split_last() else {
-        return Err(to_py(GsrqError::Shape("codes must have at least one dimension, got a 0-d array".into())));
+        return Err(to_py(GsrqError::Shape(
+            "codes must have at least one dimension, got a 0-d array".into(),
+        )));
     };
     let rows: usize = lead.iter().product();
     let slice = codes
@@ -76,7 +85,11 @@ fn pack_typed<'py, T: Code + Element>(
 /// pack_codes(codes, bits) -> uint8 array; see `gsrq.pack.pack_codes`.
 #[pyfunction]
 #[pyo3(signature = (codes, bits))]
-fn pack_codes<'py>(py: Python<'py>, codes: &Bound<'py, PyAny>, bits: i64) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
+fn pack_codes<'py>(
+    py: Python<'py>,
+    codes: &Bound<'py, PyAny>,
+    bits: i64,
+) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
     let bits = check_bits(bits)?;
     macro_rules! try_types {
         ($($t:ty),*) => {
@@ -108,7 +121,9 @@ fn unpack_codes<'py>(
     let count = check_count(count)?;
     let shape = packed.shape().to_vec();
     let Some((&stride, lead)) = shape.split_last() else {
-        return Err(to_py(GsrqError::Shape("packed must have at least one dimension, got a 0-d array".into())));
+        return Err(to_py(GsrqError::Shape(
+            "packed must have at least one dimension, got a 0-d array".into(),
+        )));
     };
     let rows: usize = lead.iter().product();
     let slice = packed
