@@ -302,6 +302,7 @@ def load_or_calibrate(method: Method, model: Any, tokenizer: Any, model_id: str,
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         cbs.save(path)
+        cbs = Codebooks.load(path)  # evaluate exactly what is stored (16-bit codebooks)
         log(f"[{method.label}] saved {path}")
     return cbs, path
 
