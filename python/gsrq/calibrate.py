@@ -357,15 +357,12 @@ def calibrate(
     from gsrq.codebooks import Codebooks
     from gsrq.data import token_windows
     from gsrq.engine import ResidualQuantizer, reconstruction_metrics
+    from gsrq.levers import fit_key_levers
 
     t_start = time.perf_counter()
     config = GSRQConfig.from_bits(1.0) if config is None else config
     if not isinstance(config, GSRQConfig):
         raise ConfigError(f"config must be a GSRQConfig, got {type(config).__name__}")
-    if config.key_rotation != "none" or config.key_scale or config.key_norm:
-        raise CalibrationError(
-            "calibrate trains on raw keys: key_rotation, key_scale and key_norm are not supported by calibration"
-        )
     shape = model_shape(model)
     config.validate_for(shape.head_dim, shape.num_kv_heads)
     if not isinstance(tokens, int) or not isinstance(seq_len, int) or seq_len < 2 or tokens < seq_len:
@@ -403,6 +400,13 @@ def calibrate(
             )
     eval_plan = _plan(eval_w, pooled, seq_len, skip, heldout_samples, rng) if eval_w else None
     use_grad = config.grad_weights != "off"
+    # with key levers, keys (and their gradients) are buffered as whole head
+    # vectors [Hc, 1, S, hd]; levers are fitted after capture and the code
+    # domain is chunked then (gsrq.levers)
+    key_levers = config.key_rotation != "none" or config.key_scale or config.key_norm
+
+    def buf_D(kind: str) -> int:
+        return hd if (kind == "keys" and key_levers) else config.kind(kind).D
 
     # sample buffers [Hc, C, S, D] per (layer, kind); gradient chunk norms [Hc, C, S]
     bufs: dict[tuple[int, str], np.ndarray] = {}
@@ -410,13 +414,14 @@ def calibrate(
     ebufs: dict[tuple[int, str], np.ndarray] = {}
     for layer in range(shape.num_layers):
         for kind in KINDS:
-            kc = config.kind(kind)
-            C = hd // kc.D
-            bufs[layer, kind] = np.empty((Hc, C, S, kc.D), dtype=np.float32)
+            D = buf_D(kind)
+            C = hd // D
+            bufs[layer, kind] = np.empty((Hc, C, S, D), dtype=np.float32)
             if use_grad:
-                gbufs[layer, kind] = np.empty((Hc, C, S), dtype=np.float32)
+                gbufs[layer, kind] = (np.empty((Hc, 1, S, hd), dtype=np.float32) if D == hd and kind == "keys"
+                                      and key_levers else np.empty((Hc, C, S), dtype=np.float32))
             if eval_plan is not None:
-                ebufs[layer, kind] = np.empty((Hc, C, eval_plan.selected.size, kc.D), dtype=np.float32)
+                ebufs[layer, kind] = np.empty((Hc, C, eval_plan.selected.size, D), dtype=np.float32)
 
     freeze(model)
     was_training = model.training
@@ -437,11 +442,13 @@ def calibrate(
             continue
         for layer in range(shape.num_layers):
             for kind, xs, gs in (("keys", keys, kgs), ("values", values, vgs)):
-                D = config.kind(kind).D
+                D = buf_D(kind)
                 x = xs[layer][0]  # [H, T, hd]
                 if is_train:
                     bufs[layer, kind][:, :, dst] = _gather(x, heads, pos, per_head, D)
-                    if grad:
+                    if grad and kind == "keys" and key_levers:
+                        gbufs[layer, kind][:, :, dst] = _gather(gs[layer][0], heads, pos, per_head, hd)
+                    elif grad:
                         gbufs[layer, kind][:, :, dst] = _gather_norms(chunk_norms(gs[layer][0], D), heads, pos, per_head)
                 else:
                     ebufs[layer, kind][:, :, dst] = _gather(x, heads, pos, per_head, D)
@@ -462,6 +469,22 @@ def calibrate(
             C = hd // kc.D
             out = np.empty((Hc, C, kc.M, kc.Kc, kc.D), dtype=np.float32)
             recon = np.empty_like(ebufs[layer, kind]) if eval_plan is not None else None
+            levers = None
+            if kind == "keys" and key_levers:
+                # fit the levers on the raw keys, then train on the code domain
+                # with chain-rule gradients (gsrq.levers)
+                raw = torch.from_numpy(bufs[layer, kind][:, 0])  # [Hc, S, hd]
+                levers = fit_key_levers(config, layer, raw)
+                graw = torch.from_numpy(gbufs[layer, kind][:, 0]) if use_grad else None
+                y, gy, _ = levers.to_code_domain(raw, graw)
+                bufs[layer, kind] = y.reshape(Hc, S, C, kc.D).permute(0, 2, 1, 3).contiguous().numpy()
+                if use_grad:
+                    assert gy is not None
+                    gbufs[layer, kind] = chunk_norms(gy, kc.D).permute(0, 2, 1).contiguous().numpy()
+                for name, arr in levers.aux_tensors().items():
+                    tensors[f"layers.{layer}.keys.{name}"] = arr
+                if recon is not None:
+                    recon = np.empty((Hc, C, ebufs[layer, kind].shape[2], kc.D), dtype=np.float32)
             for h in range(Hc):
                 for c in range(C):
                     x = bufs[layer, kind][h, c]
@@ -478,11 +501,21 @@ def calibrate(
                         threads=threads,
                     ).fit(x, weights)
                     out[h, c] = rq.codebooks
-                    if recon is not None:
+                    if recon is not None and levers is None:
                         xe = ebufs[layer, kind][h, c]
                         recon[h, c] = rq.decode(rq.encode(xe, beam=config.beam))
                     bar.update(1)
             tensors[f"layers.{layer}.{kind}.codebooks"] = out
+            if recon is not None and levers is not None:
+                # through the cache's own quantizer: levers, codes, and back
+                from gsrq.quantizer import KVQuantizer
+
+                q = KVQuantizer(torch.from_numpy(out), kc, rotation=levers.rotation, scale=levers.scale,
+                                norm=levers.norm, beam=config.beam, threads=threads)
+                xe = torch.from_numpy(ebufs[layer, kind][:, 0]).unsqueeze(0)  # [1, Hc, n, hd]
+                rec = q.fake_quant(xe).reshape(Hc, -1, hd)
+                recon = rec.reshape(Hc, -1, C, kc.D).permute(0, 2, 1, 3).numpy()
+                ebufs[layer, kind] = ebufs[layer, kind][:, 0].reshape(Hc, -1, C, kc.D).transpose(0, 2, 1, 3)
             if recon is not None:
                 # metrics on whole head vectors: [Hc, C, n, D] -> [Hc, n, hd]
                 a = ebufs[layer, kind].transpose(0, 2, 1, 3).reshape(Hc, -1, hd)

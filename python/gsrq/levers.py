@@ -1,0 +1,164 @@
+"""Key levers fitted at calibration, and the code domain that codebooks are trained on.
+
+The key levers of :class:`gsrq.quantizer.KVQuantizer` (keys only), applied in
+this order before residual quantization:
+
+1. rotation ``y = x @ R``: ``R = H / sqrt(hd)`` (``"hadamard"``) or
+   ``diag(signs) @ H / sqrt(hd)`` (``"hadamard_signs"``); the ``±1`` signs
+   ``[hd]`` are drawn from the configuration seed and the layer
+   (:func:`rotation_signs`) and stored as ``layers.{l}.keys.signs``;
+2. per-channel scale ``y = y / scale``: ``scale`` float32 ``[Hc, hd]`` is the
+   root-mean-square of each rotated channel over the calibration keys
+   (``Hc`` = KV heads with ``per_head``, else 1), stored as
+   ``layers.{l}.keys.scale`` (:func:`fit_key_scale`);
+3. norm: the unit vector ``y / ||y||`` is quantized, ``||y||`` kept in float16.
+
+All three are linear maps of the key (or a per-token scalar), so attention
+absorbs them in the query (:attr:`KVQuantizer.query_map`) and the fused
+lookup-table kernel still works: it builds its tables from ``q @ query_map``
+and multiplies each token's score by its stored norm.
+
+Gradient weights follow the chain rule. With ``x = f(y)`` the map back from
+the code domain, the loss gradient seen by a code-domain sample is
+``g_y = J^T g_x``:
+
+* rotation ``x = y @ R^T``: ``g_y = g_x @ R``;
+* scale ``y_1 = y_2 * scale``: ``g_2 = g_1 * scale``;
+* norm ``y_2 = n * u`` (``n`` stored): ``g_u = n * g_2``.
+
+So a quantization error ``e`` in the code domain changes the loss by about
+``<g_y, e>``, exactly as ``<g_x, e_x>`` did before the levers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from gsrq.config import GSRQConfig
+from gsrq.errors import ConfigError, InvalidValueError, ShapeError
+from gsrq.quantizer import hadamard_matrix
+
+__all__ = ["KeyLevers", "fit_key_levers", "fit_key_scale", "rotation_signs"]
+
+#: floor of a fitted channel scale, relative to the largest channel RMS
+SCALE_FLOOR = 1e-3
+
+
+def rotation_signs(seed: int, layer: int, head_dim: int) -> np.ndarray:
+    """Seeded ``±1`` float32 ``[head_dim]`` signs of layer ``layer``'s key rotation."""
+    if not isinstance(head_dim, int) or head_dim < 1:
+        raise ConfigError(f"head_dim must be a positive integer, got {head_dim!r}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(layer), 0x5A1635]))
+    return np.where(rng.random(head_dim) < 0.5, -1.0, 1.0).astype(np.float32)
+
+
+def fit_key_scale(y: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Per-channel scales of (rotated) keys: y float ``[Hc, N, hd]`` -> float32 ``[Hc, hd]``.
+
+    The scale of a channel is its root-mean-square over the ``N`` samples,
+    floored at ``SCALE_FLOOR`` times the largest channel RMS of that head group
+    (a dead channel would otherwise blow up after division), and rounded to
+    float16 values (how a codebook file stores it) so calibration trains with
+    exactly the scale the cache will use.
+    """
+    a = torch.as_tensor(y).to(torch.float64)
+    if a.dim() != 3 or a.shape[1] < 1:
+        raise ShapeError(f"keys for scale fitting must have shape [Hc, N >= 1, hd], got {list(a.shape)}")
+    if not bool(torch.isfinite(a).all()):
+        raise InvalidValueError("keys for scale fitting contain NaN or inf")
+    rms = a.pow(2).mean(dim=1).sqrt()
+    top = rms.max(dim=1, keepdim=True).values
+    if not bool((top > 0).all()):
+        raise InvalidValueError("cannot fit key scales: a head group's keys are all zero")
+    # rounded to float16, the precision a codebook file stores them in
+    return torch.maximum(rms, top * SCALE_FLOOR).to(torch.float16).to(torch.float32).numpy()
+
+
+@dataclass
+class KeyLevers:
+    """The fitted key levers of one layer.
+
+    rotation: float32 ``[hd, hd]`` orthogonal or None; signs: float32 ``[hd]``
+    (``hadamard_signs``) or None; scale: float32 ``[Hc, hd]`` or None; norm: bool.
+    """
+
+    rotation: torch.Tensor | None
+    signs: np.ndarray | None
+    scale: np.ndarray | None
+    norm: bool
+
+    @property
+    def any(self) -> bool:
+        return self.rotation is not None or self.scale is not None or self.norm
+
+    def aux_tensors(self) -> dict[str, np.ndarray]:
+        """The tensors a codebook file stores for these levers: ``{"signs": [hd], "scale": [Hc, hd]}`` (present ones)."""
+        out: dict[str, np.ndarray] = {}
+        if self.signs is not None:
+            out["signs"] = np.asarray(self.signs, dtype=np.float32)
+        if self.scale is not None:
+            out["scale"] = np.asarray(self.scale, dtype=np.float32)
+        return out
+
+    def to_code_domain(
+        self, x: torch.Tensor, g: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Keys ``[Hc, N, hd]`` (and their loss gradients) -> code domain.
+
+        Returns ``(y, g_y, norms)``: float32 ``[Hc, N, hd]``, the transformed
+        gradients (None when ``g`` is None) and float32 norms ``[Hc, N]`` (None
+        without the norm lever; rounded to float16 as the cache stores them).
+        Matches :meth:`KVQuantizer.to_code_domain` on the same tensors.
+        """
+        y = torch.as_tensor(x).to(torch.float32)
+        gy = None if g is None else torch.as_tensor(g).to(torch.float32)
+        if y.dim() != 3:
+            raise ShapeError(f"keys must have shape [Hc, N, hd], got {list(y.shape)}")
+        if gy is not None and gy.shape != y.shape:
+            raise ShapeError(f"gradients have shape {list(gy.shape)}, keys {list(y.shape)}")
+        if self.rotation is not None:
+            y = y @ self.rotation
+            gy = None if gy is None else gy @ self.rotation
+        if self.scale is not None:
+            s = torch.from_numpy(np.asarray(self.scale, dtype=np.float32))
+            if s.shape[0] not in (1, y.shape[0]) or s.shape[1] != y.shape[2]:
+                raise ShapeError(f"scale {list(s.shape)} does not fit keys {list(y.shape)}")
+            s = s[:, None, :]
+            y = y / s
+            gy = None if gy is None else gy * s
+        norms = None
+        if self.norm:
+            n = torch.linalg.vector_norm(y, dim=-1)
+            y = y / n.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+            norms = n.to(torch.float16).to(torch.float32)
+            gy = None if gy is None else gy * norms.unsqueeze(-1)
+        return y, gy, norms
+
+
+def fit_key_levers(config: GSRQConfig, layer: int, keys: Any) -> KeyLevers:
+    """Fit the key levers of ``config`` for ``layer`` from calibration keys float ``[Hc, N, hd]``.
+
+    ``Hc`` is the number of KV heads with ``config.per_head`` and 1 otherwise
+    (samples of all heads pooled). The rotation needs no data (signs come from
+    ``config.seed``); the scale is the channel RMS after the rotation.
+    """
+    if not isinstance(config, GSRQConfig):
+        raise ConfigError(f"config must be a GSRQConfig, got {type(config).__name__}")
+    x = torch.as_tensor(keys).to(torch.float32)
+    if x.dim() != 3:
+        raise ShapeError(f"keys must have shape [Hc, N, hd], got {list(x.shape)}")
+    hd = int(x.shape[-1])
+    rotation = signs = None
+    if config.key_rotation != "none":
+        if config.key_rotation == "hadamard_signs":
+            signs = rotation_signs(config.seed, layer, hd)
+        rotation = hadamard_matrix(hd, None if signs is None else torch.from_numpy(signs))
+    scale = None
+    if config.key_scale:
+        y = x if rotation is None else x @ rotation
+        scale = fit_key_scale(y)
+    return KeyLevers(rotation, signs, scale, bool(config.key_norm))
