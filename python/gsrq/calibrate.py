@@ -180,7 +180,9 @@ def capture_kv(model: Any, input_ids: Any, *, grad: bool = True) -> tuple[list[A
             emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
             out = model(inputs_embeds=emb, **kw)
             _check_captured(cache, shape, ids.shape)
-            logits = out.logits[:, :-1].float()
+            logits = out.logits[:, :-1]
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
             tensors = [t for layer in range(shape.num_layers) for t in cache.captured[layer]]
             grads = torch.autograd.grad(loss, tensors, allow_unused=True)
@@ -311,6 +313,15 @@ def _codebook_seed(seed: int, layer: int, kind: str, head: int, chunk: int) -> i
     return int(ss.generate_state(1, dtype=np.uint64)[0] & ((1 << 63) - 1))
 
 
+def _round_to(a: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 copy of ``a`` rounded to the storage dtype (float16 | bfloat16 | float32)."""
+    import torch
+
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise ConfigError(f"storage dtype must be float16, bfloat16 or float32, got {dtype!r}")
+    return torch.from_numpy(np.array(a, dtype=np.float32)).to(getattr(torch, dtype)).float().numpy()
+
+
 def _finite_metrics(m: dict[str, float]) -> dict[str, float | None]:
     return {k: (float(v) if math.isfinite(v) else None) for k, v in m.items()}
 
@@ -372,6 +383,8 @@ def calibrate(
         raise CalibrationError(f"need integers seq_len >= 2 and tokens >= seq_len, got tokens={tokens!r}, seq_len={seq_len!r}")
     if not 0 <= heldout_fraction < 1:
         raise CalibrationError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    if storage_dtype not in ("float16", "bfloat16", "float32"):
+        raise ConfigError(f"storage_dtype must be float16, bfloat16 or float32, got {storage_dtype!r}")
     skip = min(config.sinks, seq_len - 1)
 
     windows = token_windows(tokenizer, text, seq_len, tokens)
@@ -477,10 +490,12 @@ def calibrate(
                         weights_in_init_only=config.grad_weights == "init",
                         threads=threads,
                     ).fit(x, weights)
-                    out[h, c] = rq.codebooks
+                    # metrics with the codebooks as the file stores them
+                    out[h, c] = _round_to(rq.codebooks, storage_dtype)
                     if recon is not None:
+                        stored = ResidualQuantizer.from_codebooks(out[h, c], config.method, threads=threads)
                         xe = ebufs[layer, kind][h, c]
-                        recon[h, c] = rq.decode(rq.encode(xe, beam=config.beam))
+                        recon[h, c] = stored.decode(stored.encode(xe, beam=config.beam))
                     bar.update(1)
             tensors[f"layers.{layer}.{kind}.codebooks"] = out
             if recon is not None:
@@ -695,3 +710,15 @@ __all__ = [
     "run",
     "summary_lines",
 ]
+
+
+class _CallableModule(type(sys)):
+    """``gsrq.calibrate`` is both this module and the function: importing the
+    submodule rebinds the package attribute to the module, so the module
+    forwards calls to :func:`calibrate`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return calibrate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
