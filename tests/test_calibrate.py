@@ -154,16 +154,16 @@ def test_gradient_weights_math():
 def test_plan_is_uniform_subset_and_rows_consistent():
     rng = np.random.default_rng(0)
     p = cal._plan([0, 2, 5], heads_pooled=3, seq_len=10, skip=2, limit=40, rng=rng)
-    assert p.selected.size == 40 and np.all(np.diff(p.selected) > 0) and p.selected.max() < 3 * 3 * 8
+    assert p.selected.size == 40 and np.all(np.diff(p.selected) > 0) and p.selected.max() < 3 * 3 * 7
     seen = []
     for ordinal in range(3):
         dst, heads, pos = p.rows(ordinal)
-        assert np.all((heads >= 0) & (heads < 3)) and np.all((pos >= 2) & (pos < 10))
-        np.testing.assert_array_equal(p.selected[dst], ordinal * 24 + heads * 8 + (pos - 2))
+        assert np.all((heads >= 0) & (heads < 3)) and np.all((pos >= 2) & (pos < 9))
+        np.testing.assert_array_equal(p.selected[dst], ordinal * 21 + heads * 7 + (pos - 2))
         seen.append(dst)
     np.testing.assert_array_equal(np.concatenate(seen), np.arange(40))
     full = cal._plan([0], heads_pooled=1, seq_len=5, skip=0, limit=99, rng=rng)
-    np.testing.assert_array_equal(full.selected, np.arange(5))
+    np.testing.assert_array_equal(full.selected, np.arange(4))
 
 
 # ------------------------------------------------------------------ calibration
@@ -182,16 +182,47 @@ def test_training_samples_are_captured_chunks(tiny_llama, byte_tokenizer):
         cand = x.reshape(4, 2, 64, 32 // D, D)
         book = torch.from_numpy(np.array(cbs.codebooks(1, kind)))  # [1, C, 1, 48, D]
         for c in range(32 // D):
-            allowed = cand[:, :, 3:, c].reshape(-1, D)  # positions >= sinks
-            sinks = cand[:, :, :3, c].reshape(-1, D)
+            allowed = cand[:, :, 3:63, c].reshape(-1, D)  # sinks <= position < last
+            sinks = torch.cat([cand[:, :, :3, c], cand[:, :, 63:, c]], 2).reshape(-1, D)  # never sampled
             words = book[0, c, 0]
             d_ok = torch.cdist(words, allowed, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
             assert d_ok.max() < 1e-4, kind
             assert torch.cdist(words, sinks, compute_mode="donot_use_mm_for_euclid_dist").min() > 1e-3
     cal_meta = cbs.calibration
     assert cal_meta["windows"] == {"train": 3, "heldout": 1}
-    assert cal_meta["samples_per_codebook"] == 48 and cal_meta["samples_available_per_codebook"] == 3 * 2 * 61
+    assert cal_meta["samples_per_codebook"] == 48 and cal_meta["samples_available_per_codebook"] == 3 * 2 * 60
     assert cal_meta["positions_skipped_per_window"] == 3
+
+
+def test_key_levers_code_domain(tiny_llama, byte_tokenizer):
+    """Rotation, channel scale and norm: codewords (Kc == samples, KM) are transformed key chunks."""
+    cfg = GSRQConfig(
+        keys=KindConfig(D=16, Kc=40, M=1), values=KindConfig(D=16, Kc=40, M=1), method="km", max_samples=40,
+        key_rotation="hadamard_signs", key_scale=True, key_norm=True, sinks=2, seed=5,
+    )  # fmt: skip
+    cbs = cal.calibrate(tiny_llama, byte_tokenizer, TEXT, cfg, tokens=192, seq_len=64, progress=False, heldout_fraction=0.0, storage_dtype="float32")
+    from gsrq.data import token_windows
+
+    keys, *_ = cal.capture_kv(tiny_llama, token_windows(byte_tokenizer, TEXT, 64, 192), grad=False)
+    h = np.ones((1, 1))
+    while h.shape[0] < 32:
+        h = np.block([[h, h], [h, -h]])
+    for layer in range(2):
+        signs = np.array(cbs.aux(layer, "keys", "signs"))
+        assert set(np.unique(signs)) <= {-1.0, 1.0} and (signs == -1).any()
+        y = (keys[layer].double().numpy() * signs) @ (h / np.sqrt(32))  # [3, H, 64, 32] rotated
+        y = y[:, :, 2:]  # positions >= sinks
+        scale_ref = np.sqrt((y**2).mean(axis=(0, 2)))  # [H, 32]
+        scale = np.array(cbs.aux(layer, "keys", "scale"))
+        np.testing.assert_allclose(scale, scale_ref, rtol=1e-4)
+        u = y / scale_ref[None, :, None, :]
+        u = u / np.linalg.norm(u, axis=-1, keepdims=True)
+        cand = torch.from_numpy(u.reshape(-1, 2, 16))  # [samples, C, D]
+        book = torch.from_numpy(np.array(cbs.codebooks(layer, "keys"))).double()  # [1, 2, 1, 40, 16]
+        for c in range(2):
+            d = torch.cdist(book[0, c, 0], cand[:, c], compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+            assert d.max() < 1e-4
+    assert cbs.aux(0, "values", "scale") is None
 
 
 @pytest.mark.parametrize("mode", ["all", "init", "off"])
@@ -241,7 +272,7 @@ def test_determinism_roundtrip_and_metadata(tiny_llama, byte_tokenizer, tmp_path
     m = back.calibration
     assert m["tokens"] == 384 and m["seq_len"] == 64 and m["tau"] == 1.0 and m["seed"] == 7
     assert m["windows"] == {"train": 5, "heldout": 1}
-    assert m["samples_per_codebook"] == 600
+    assert m["samples_per_codebook"] == m["samples_available_per_codebook"] == 5 * 2 * 59  # fewer than max_samples=600
     for kind in ("keys", "values"):
         h = m["heldout_reconstruction"][kind]
         assert len(h["per_layer"]) == 2
@@ -254,7 +285,7 @@ def test_per_head_shapes(tiny_llama, byte_tokenizer):
     cbs = cal.calibrate(tiny_llama, byte_tokenizer, TEXT, cfg, tokens=256, seq_len=64, progress=False)
     assert cbs.codebooks(0, "keys").shape == (2, 2, 2, 16, 16)
     assert cbs.codebooks(1, "values").shape == (2, 4, 2, 16, 8)
-    assert cbs.calibration["samples_available_per_codebook"] == 3 * 1 * 60
+    assert cbs.calibration["samples_available_per_codebook"] == 3 * 1 * 59
 
 
 def test_heldout_metrics_oracle(tiny_llama, byte_tokenizer):
@@ -269,7 +300,7 @@ def test_heldout_metrics_oracle(tiny_llama, byte_tokenizer):
     # the held-out window is the one whose samples the plan did not use: find it by its metric
     rel = []
     for w in range(4):
-        x = keys[0][w, :, 4:].reshape(-1, 32).float()  # [H*60, 32], positions >= sinks
+        x = keys[0][w, :, 4:63].reshape(-1, 32).float()  # [H*59, 32], sinks <= position < last
         book = torch.from_numpy(np.array(cbs.codebooks(0, "keys")))[0]  # [C, M, Kc, D]
         rec = rq_decode_torch(rq_encode_torch(x, book), book)
         rel.append(((x - rec) ** 2).sum().item() / (x**2).sum().item())
@@ -295,8 +326,6 @@ def test_error_cases(tiny_llama, byte_tokenizer):
         cal.calibrate(tiny_llama, byte_tokenizer, TEXT, small_config(keys=KindConfig(D=12, Kc=16, M=1)), tokens=128, seq_len=64, progress=False)
     with pytest.raises(CalibrationError, match="fewer than Kc=1024"):
         cal.calibrate(tiny_llama, byte_tokenizer, TEXT, small_config(values=KindConfig(D=8, Kc=1024, M=1)), tokens=128, seq_len=64, progress=False)
-    with pytest.raises(CalibrationError, match="key_norm"):
-        cal.calibrate(tiny_llama, byte_tokenizer, TEXT, small_config(key_norm=True), tokens=128, seq_len=64, progress=False)
     with pytest.raises(CalibrationError, match="tokens >= seq_len"):
         cal.calibrate(tiny_llama, byte_tokenizer, TEXT, small_config(), tokens=32, seq_len=64, progress=False)
 
