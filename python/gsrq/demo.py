@@ -37,9 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctx", type=int, default=512, help="tokens per held-out window")
     parser.add_argument("--windows", type=int, default=4, help="held-out windows")
     parser.add_argument("--sinks", type=int, default=4, help="first tokens kept exact")
-    parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens per codebook set")
+    parser.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens per codebook set")
     parser.add_argument("--calib-seq-len", type=int, default=512, help="calibration window length")
-    parser.add_argument("--calib-max-samples", type=int, default=16384,
+    parser.add_argument("--calib-max-samples", type=int, default=8192,
                         help="calibration samples kept per codebook")
     parser.add_argument("--context", type=int, default=4096, help="context length of the cache-bytes column")
     parser.add_argument("--prompt", default=PROMPT, help="question answered with the GSRQ cache")
