@@ -3,7 +3,7 @@
 //! A codeword is `g_k · s_k`: a unit shape `s_k` and a gain `g_k ≥ 1e-4`.
 //!
 //! 1. Spherical initialisation: weighted Lloyd k-means ([`crate::kmeans`],
-//!    same seeding, empty-cluster rule and determinism) for `init_iters`
+//!    k-means++ or random seeding, empty-cluster rule and determinism) for `init_iters`
 //!    iterations on the unit-normalised samples `u_i = x_i / ‖x_i‖`
 //!    (a zero sample stays zero: it still counts in the weights and pulls its
 //!    centroid towards the origin, but has no direction). Shapes are the
@@ -39,11 +39,13 @@ pub struct GskmOptions {
     pub iters: usize,
     pub seed: u64,
     pub weights_in_init_only: bool,
+    /// Seeding of the spherical k-means (k-means++ by default).
+    pub init: Init,
 }
 
 impl Default for GskmOptions {
     fn default() -> Self {
-        GskmOptions { init_iters: 20, iters: 10, seed: 0, weights_in_init_only: false }
+        GskmOptions { init_iters: 20, iters: 10, seed: 0, weights_in_init_only: false, init: Init::KMeansPlusPlus }
     }
 }
 
@@ -113,7 +115,7 @@ pub fn gskm(
             check_finite(c0, d, "init_centroids")?;
             c0.to_vec()
         }
-        None => initial_centroids(&udata, k, Init::KMeansPlusPlus, opts.seed),
+        None => initial_centroids(&udata, k, opts.init, opts.seed),
     };
     let (init_labels, _) = lloyd(&udata, &mut c, k, opts.init_iters);
     drop(u);

@@ -26,7 +26,7 @@
 use rayon::prelude::*;
 
 use crate::error::{GsrqError, Result};
-use crate::linalg::{row_norms_sq, Panels, BLOCK};
+use crate::linalg::{row_norms_sq, sqdist_rows, Panels, BLOCK};
 use crate::rng::SplitMix64;
 
 /// How the first centroids are chosen.
@@ -344,23 +344,22 @@ fn update_dmin(data: &Data<'_>, c: &[f32], dmin: &mut [f32], bsum: &mut [f64], f
     dmin.par_chunks_mut(BLOCK)
         .zip(bsum.par_iter_mut())
         .enumerate()
-        .for_each(|(b, (dm, bs))| {
-            let s = b * BLOCK;
-            let mut acc = 0f64;
-            for (i, v) in dm.iter_mut().enumerate() {
-                let row = &data.x[(s + i) * d..(s + i + 1) * d];
-                let mut e = 0f32;
-                for (&a, &q) in row.iter().zip(c) {
-                    let t = a - q;
-                    e += t * t;
+        .for_each_init(
+            || vec![0f32; BLOCK],
+            |tmp, (b, (dm, bs))| {
+                let s = b * BLOCK;
+                let e = &mut tmp[..dm.len()];
+                sqdist_rows(&data.x[s * d..(s + dm.len()) * d], c, e);
+                let mut acc = 0f64;
+                for (i, (v, &ei)) in dm.iter_mut().zip(e.iter()).enumerate() {
+                    if first || ei < *v {
+                        *v = ei;
+                    }
+                    acc += data.weight(s + i) as f64 * *v as f64;
                 }
-                if first || e < *v {
-                    *v = e;
-                }
-                acc += data.weight(s + i) as f64 * *v as f64;
-            }
-            *bs = acc;
-        });
+                *bs = acc;
+            },
+        );
 }
 
 /// Draw an index with probability ∝ `score(i)` (sequential scan).

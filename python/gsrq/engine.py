@@ -199,13 +199,14 @@ def gskm(
     weights_in_init_only: bool = False,
     init_centroids: Any = None,
     return_history: bool = False,
+    init: str = "kmeans++",
 ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gain-Shape K-means (DESIGN.md §1).
 
     Codeword ``k`` is ``g_k · s_k`` with a unit shape ``s_k`` and a gain
     ``g_k >= 1e-4``. Spherical initialisation: weighted k-means
     (``init_iters`` Lloyd iterations, k-means++ seeding) on the unit vectors
-    ``x/‖x‖`` (zero rows stay zero); shapes = normalised centroids; gains =
+    ``x/‖x‖`` (zero rows stay zero) seeded by ``init``; shapes = normalised centroids; gains =
     weighted mean ``‖x‖`` of the samples nearest to each spherical centroid
     (a memberless cluster gets the mean norm of all samples). Then ``iters``
     alternating steps: gains rounded to bfloat16 and clamped at 1e-4; assign
@@ -224,8 +225,10 @@ def gskm(
         weights_in_init_only: use the weights in the spherical
             initialisation only, every sample counting once afterwards.
         init_centroids: optional ``[k, D]`` starting centroids of the
-            spherical k-means (on unit-vector data), replacing k-means++.
+            spherical k-means (on unit-vector data), replacing ``init``.
         return_history: also return the objective history.
+        init: seeding of the spherical k-means, ``"kmeans++"`` (weighted D²
+            sampling on the unit vectors) or ``"random"``.
 
     Returns:
         ``codebook`` float32 ``[k, D]`` and ``labels`` int64 ``[N]`` (the
@@ -236,6 +239,8 @@ def gskm(
     xa = _matrix(x)
     n, d = xa.shape
     k = _k(k, n)
+    if init not in ("kmeans++", "random"):
+        raise InvalidValueError(f'init must be "kmeans++" or "random", got {init!r}')
     res = _gsrq.gskm(
         xa,
         k,
@@ -247,6 +252,7 @@ def gskm(
         bool(weights_in_init_only),
         _init_centroids(init_centroids, k, d),
         bool(return_history),
+        init,
     )
     return tuple(res)  # type: ignore[return-value]
 
@@ -269,7 +275,8 @@ class ResidualQuantizer:
             default 10 for GSKM and 20 for KM.
         init_iters: spherical-initialisation iterations of GSKM.
         weights_in_init_only: GSKM option, see :func:`gskm`.
-        init: seeding of KM stages, ``"kmeans++"`` or ``"random"``.
+        init: seeding of KM stages and of GSKM's spherical k-means,
+            ``"kmeans++"`` or ``"random"``.
         threads: ``None`` (global pool) or a thread count.
     """
 
