@@ -27,7 +27,7 @@
 
 use crate::error::{GsrqError, Result};
 use crate::kmeans::{assign_pass, check_finite, initial_centroids, lloyd, validate, Data, Init};
-use crate::linalg::{row_norms_sq, Panels};
+use crate::linalg::{row_norms_sq, Panels, BLOCK};
 
 /// Smallest gain.
 pub const MIN_GAIN: f32 = 1e-4;
@@ -72,18 +72,26 @@ pub fn round_bf16(g: f32) -> f32 {
 }
 
 /// Rows of `x` scaled to unit l2 norm (f64 norm); zero rows stay zero.
+/// Returns the unit rows and the norms.
 pub fn unit_rows(x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
-    let mut u = Vec::with_capacity(x.len());
-    let mut norms = Vec::with_capacity(x.len() / d.max(1));
-    for row in x.chunks_exact(d) {
-        let nn = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt();
-        norms.push(nn as f32);
-        if nn > 0.0 {
-            u.extend(row.iter().map(|&v| (v as f64 / nn) as f32));
-        } else {
-            u.extend(std::iter::repeat_n(0.0f32, d));
-        }
-    }
+    use rayon::prelude::*;
+    let n = x.len() / d.max(1);
+    let mut u = vec![0f32; x.len()];
+    let mut norms = vec![0f32; n];
+    u.par_chunks_mut(BLOCK * d)
+        .zip(norms.par_chunks_mut(BLOCK))
+        .zip(x.par_chunks(BLOCK * d))
+        .for_each(|((ub, nb), xb)| {
+            for ((ur, nv), row) in ub.chunks_exact_mut(d).zip(nb.iter_mut()).zip(xb.chunks_exact(d)) {
+                let nn = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt();
+                *nv = nn as f32;
+                if nn > 0.0 {
+                    for (o, &v) in ur.iter_mut().zip(row) {
+                        *o = (v as f64 / nn) as f32;
+                    }
+                }
+            }
+        });
     (u, norms)
 }
 

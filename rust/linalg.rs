@@ -435,12 +435,17 @@ fn hsum(a: &[f32; 16]) -> f32 {
 
 /// Squared l2 norm of each row, accumulated in f64, returned as f32.
 pub fn row_norms_sq(x: &[f32], d: usize) -> Vec<f32> {
+    use rayon::prelude::*;
     if d == 0 {
-        return vec![0.0; 0];
+        return Vec::new();
     }
-    x.chunks_exact(d)
-        .map(|r| r.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() as f32)
-        .collect()
+    let mut out = vec![0f32; x.len() / d];
+    out.par_chunks_mut(BLOCK).zip(x.par_chunks(BLOCK * d)).for_each(|(o, xs)| {
+        for (v, r) in o.iter_mut().zip(xs.chunks_exact(d)) {
+            *v = r.iter().map(|&a| (a as f64) * (a as f64)).sum::<f64>() as f32;
+        }
+    });
+    out
 }
 
 /// Run `f` on the global rayon pool (`threads == None`) or on a local pool
