@@ -279,6 +279,9 @@ def test_bitwise_identical_across_thread_counts():
     r2 = gsrq.kmeans(x, 40, weights=w, iters=4, threads=2, return_history=True)
     for a, b in zip(r1, r2):
         assert a.tobytes() == b.tobytes()
+    r0 = gsrq.kmeans(x, 40, weights=w, iters=4, threads=None, return_history=True)  # global pool
+    for a, b in zip(r0, r2):
+        assert a.tobytes() == b.tobytes()
     g1 = gsrq.gskm(x, 40, weights=w, init_iters=3, iters=3, threads=1)
     g2 = gsrq.gskm(x, 40, weights=w, init_iters=3, iters=3, threads=2)
     for a, b in zip(g1, g2):
@@ -399,6 +402,10 @@ def test_bad_input_raises_named_errors(fn):
     bad[3, 2] = np.inf
     with pytest.raises(InvalidValueError):
         fn(bad, 4)
+    big = X.astype(np.float64)
+    big[1, 1] = 1e39  # beyond float32
+    with pytest.raises(InvalidValueError, match="row 1, column 1"):
+        fn(big, 4)
     with pytest.raises(InvalidValueError, match="exceeds"):
         fn(X, 51)
     with pytest.raises(InvalidValueError):
