@@ -448,6 +448,7 @@ fn scan_block(n: usize, b: usize, u: f64, score: &impl Fn(usize) -> f64) -> Opti
 /// Weighted k-means. `x` is `[n, d]` row-major; `weights` `[n]` or `None`
 /// (all ones). `init_centroids` (`[k, d]`) replaces the random
 /// initialisation when given.
+#[allow(clippy::too_many_arguments)]
 pub fn kmeans(
     x: &[f32],
     n: usize,

@@ -14,6 +14,9 @@
 //! count: each sample's answer is computed by one thread from its own row.
 //! Ties go to the lowest codeword index.
 
+// The tiles index fixed-size register arrays by row and lane on purpose.
+#![allow(clippy::needless_range_loop)]
+
 /// Codewords per panel (lanes of the kernel).
 pub const LANES: usize = 32;
 
@@ -581,7 +584,7 @@ mod tests {
             c[kk * d..(kk + 1) * d].copy_from_slice(&[1.0, 2.0, 3.0, 4.0]);
         }
         let p = Panels::new(&c, k, d, None);
-        let x = vec![1.0f32, 2.0, 3.0, 4.1].repeat(7);
+        let x = [1.0f32, 2.0, 3.0, 4.1].repeat(7);
         let mut labels = vec![0u32; 7];
         let mut dist = vec![0f32; 7];
         p.nearest(&x, &mut labels, &mut dist);
