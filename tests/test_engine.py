@@ -474,3 +474,33 @@ def test_bad_options_and_rq_input():
         _gsrq.rq_encode(X, np.zeros((1, 4, 5), np.float32))
     with pytest.raises(InvalidValueError):
         _gsrq.rq_decode(np.array([[9]], np.uint16), np.zeros((1, 4, 4), np.float32))
+
+
+# ---------------------------------------------------------------- properties
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 120), d=st.integers(1, 40), k_frac=st.floats(0.01, 1.0),
+    seed=st.integers(0, 2**32), method=st.sampled_from(["km", "gskm"]),
+)
+def test_labels_are_nearest_codewords_and_history_is_monotone(n, d, k_frac, seed, method):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, d)) * rng.uniform(0.1, 10)).astype(np.float32)
+    k = max(1, int(k_frac * n))
+    if method == "km":
+        c, labels, hist = gsrq.kmeans(x, k, iters=5, seed=seed, return_history=True)
+        assert np.all(np.diff(hist) <= 1e-5 * hist[:-1] + 1e-6)
+    else:
+        c, labels, hist = gsrq.gskm(x, k, init_iters=3, iters=3, seed=seed, return_history=True)
+    assert np.isfinite(c).all() and c.shape == (k, d)
+    d2 = _sqdist(x, c)
+    chosen = d2[np.arange(n), labels]
+    np.testing.assert_allclose(chosen, d2.min(1), rtol=1e-4, atol=1e-4 * (1 + d2.min(1).max()))
+    np.testing.assert_allclose(hist[-1], chosen.sum(), rtol=1e-4, atol=1e-3)
+    # Greedy RQ encoding of one stage is the same nearest-codeword search.
+    rq = gsrq.ResidualQuantizer.from_codebooks(c[None])
+    np.testing.assert_allclose(rq.decode(rq.encode(x)), c[labels], rtol=1e-5, atol=1e-5 * (1 + np.abs(c).max()))
