@@ -26,7 +26,7 @@
 //! counts once in step 2 (the authors' reference variant).
 
 use crate::error::{GsrqError, Result};
-use crate::kmeans::{assign_pass, check_finite, initial_centroids, lloyd, validate, Data, Init};
+use crate::kmeans::{assign_pass, check_finite, initial_centroids, lloyd, validate, Data, Init, Workspace};
 use crate::linalg::{row_norms_sq, Panels, BLOCK};
 
 /// Smallest gain.
@@ -163,6 +163,7 @@ pub fn gskm(
     let mut history = Vec::with_capacity(opts.iters + 1);
     let mut cw = vec![0f32; k * d];
     let mut bias = vec![0f32; k];
+    let mut ws = Workspace::new();
     for _ in 0..opts.iters {
         for kk in 0..k {
             let g = round_bf16(gains[kk]).max(MIN_GAIN);
@@ -172,7 +173,7 @@ pub fn gskm(
             }
         }
         let panels = Panels::new(&cw, k, d, Some(&bias));
-        let pass = assign_pass(&alt, &xnorm, &panels, &mut labels, &mut dist, true);
+        let pass = assign_pass(&mut ws, &alt, &xnorm, &panels, &mut labels, &mut dist, true);
         history.push(pass.obj);
         for kk in 0..k {
             if pass.wsum[kk] <= 0.0 {
@@ -198,7 +199,7 @@ pub fn gskm(
         }
     }
     let panels = Panels::new(&cw, k, d, None);
-    let pass = assign_pass(&alt, &xnorm, &panels, &mut labels, &mut dist, false);
+    let pass = assign_pass(&mut ws, &alt, &xnorm, &panels, &mut labels, &mut dist, false);
     history.push(pass.obj);
     Ok(GainShape { codebook: cw, gains, shapes, labels, history })
 }

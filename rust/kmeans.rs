@@ -164,12 +164,39 @@ pub(crate) struct Pass {
 }
 
 /// Blocks processed in parallel before their partial sums are folded in.
-const CHUNK_BLOCKS: usize = 64;
+const CHUNK_BLOCKS: usize = 32;
+
+/// Per-block partial sums, kept between passes so that the hot loop does not
+/// allocate (memory: `CHUNK_BLOCKS · k · d` f64, independent of N).
+#[derive(Default)]
+pub(crate) struct Workspace {
+    bufs: Vec<Pass>,
+}
+
+impl Workspace {
+    pub fn new() -> Self {
+        Workspace::default()
+    }
+
+    fn ensure(&mut self, count: usize, k: usize, d: usize, sums: bool) {
+        let (ls, lw) = if sums { (k * d, k) } else { (0, 0) };
+        while self.bufs.len() < count {
+            self.bufs.push(Pass { sums: Vec::new(), wsum: Vec::new(), obj: 0.0 });
+        }
+        for p in &mut self.bufs[..count] {
+            p.sums.resize(ls, 0.0);
+            p.wsum.resize(lw, 0.0);
+        }
+    }
+}
 
 /// Assign every sample to its nearest codeword of `panels`, writing
 /// `labels` and `dist` (squared distance, clamped ≥ 0) and, when `sums` is
-/// set, the weighted member sums. Deterministic for any thread count.
+/// set, the weighted member sums. Each block of [`BLOCK`] rows is summed on
+/// its own and the block results are added in block order (in parallel over
+/// the sum's elements), so the result does not depend on the thread count.
 pub(crate) fn assign_pass(
+    ws: &mut Workspace,
     data: &Data<'_>,
     xnorm: &[f32],
     panels: &Panels,
@@ -184,23 +211,24 @@ pub(crate) fn assign_pass(
         obj: 0.0,
     };
     let nblocks = n.div_ceil(BLOCK);
+    ws.ensure(CHUNK_BLOCKS.min(nblocks), k, d, sums);
     let mut cb = 0;
     while cb < nblocks {
         let ce = (cb + CHUNK_BLOCKS).min(nblocks);
         let (r0, r1) = (cb * BLOCK, (ce * BLOCK).min(n));
-        let partials: Vec<Pass> = labels[r0..r1]
+        let parts = &mut ws.bufs[..ce - cb];
+        labels[r0..r1]
             .par_chunks_mut(BLOCK)
             .zip(dist[r0..r1].par_chunks_mut(BLOCK))
+            .zip(parts.par_iter_mut())
             .enumerate()
-            .map(|(j, (lab, dst))| {
+            .for_each(|(j, ((lab, dst), p))| {
                 let s = r0 + j * BLOCK;
                 let rows = lab.len();
                 panels.nearest(&data.x[s * d..(s + rows) * d], lab, dst);
-                let mut p = Pass {
-                    sums: if sums { vec![0.0; k * d] } else { Vec::new() },
-                    wsum: if sums { vec![0.0; k] } else { Vec::new() },
-                    obj: 0.0,
-                };
+                p.sums.fill(0.0);
+                p.wsum.fill(0.0);
+                p.obj = 0.0;
                 for i in 0..rows {
                     let g = s + i;
                     let di = (xnorm[g] + dst[i]).max(0.0);
@@ -216,15 +244,22 @@ pub(crate) fn assign_pass(
                         }
                     }
                 }
-                p
-            })
-            .collect();
-        for p in partials {
+            });
+        let parts = &ws.bufs[..ce - cb];
+        for p in parts {
             total.obj += p.obj;
-            if sums {
-                for (a, b) in total.sums.iter_mut().zip(&p.sums) {
-                    *a += b;
+        }
+        if sums {
+            const RED: usize = 4096;
+            total.sums.par_chunks_mut(RED).enumerate().for_each(|(ci, ch)| {
+                let (o, len) = (ci * RED, ch.len());
+                for p in parts {
+                    for (a, b) in ch.iter_mut().zip(&p.sums[o..o + len]) {
+                        *a += b;
+                    }
                 }
+            });
+            for p in parts {
                 for (a, b) in total.wsum.iter_mut().zip(&p.wsum) {
                     *a += b;
                 }
@@ -258,9 +293,10 @@ pub(crate) fn lloyd(data: &Data<'_>, c: &mut [f32], k: usize, iters: usize) -> (
     let mut labels = vec![0u32; n];
     let mut dist = vec![0f32; n];
     let mut history = Vec::with_capacity(iters + 1);
+    let mut ws = Workspace::new();
     for _ in 0..iters {
         let panels = Panels::new(c, k, d, None);
-        let pass = assign_pass(data, &xnorm, &panels, &mut labels, &mut dist, true);
+        let pass = assign_pass(&mut ws, data, &xnorm, &panels, &mut labels, &mut dist, true);
         history.push(pass.obj);
         let mut empty = Vec::new();
         for kk in 0..k {
@@ -281,7 +317,7 @@ pub(crate) fn lloyd(data: &Data<'_>, c: &mut [f32], k: usize, iters: usize) -> (
         }
     }
     let panels = Panels::new(c, k, d, None);
-    let pass = assign_pass(data, &xnorm, &panels, &mut labels, &mut dist, false);
+    let pass = assign_pass(&mut ws, data, &xnorm, &panels, &mut labels, &mut dist, false);
     history.push(pass.obj);
     (labels, history)
 }
