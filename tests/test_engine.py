@@ -349,6 +349,9 @@ def test_rq_beam_full_width_is_exhaustive_search():
     np.testing.assert_allclose(err(codes), err(best), rtol=1e-5, atol=1e-6)
     assert err(rq.encode(x)).sum() > err(codes).sum()
     np.testing.assert_array_equal(rq.encode(x, beam=1), rq.encode(x))
+    empty = rq.encode(np.zeros((0, 4), np.float32))
+    assert empty.shape == (0, 2) and empty.dtype == np.uint16
+    assert rq.decode(empty).shape == (0, 4)
 
 
 def test_rq_stage_two_is_trained_on_residuals():
@@ -416,6 +419,10 @@ def test_bad_input_raises_named_errors(fn):
         fn(X[:, 0], 4)
     with pytest.raises(ShapeError):
         fn(X[None], 4)
+    with pytest.raises(ShapeError):
+        fn(X[:0], 1)
+    with pytest.raises(ShapeError, match="real"):
+        fn(X.astype(np.complex64), 4)
     with pytest.raises(ShapeError, match="weights"):
         fn(X, 4, weights=np.ones(49, np.float32))
     with pytest.raises(ShapeError, match="weights"):

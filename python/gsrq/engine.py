@@ -48,19 +48,21 @@ def _to_numpy(a: Any, name: str) -> np.ndarray:
         arr = np.asarray(a)
     except (TypeError, ValueError) as e:
         raise ShapeError(f"{name} cannot be converted to an array: {e}") from e
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
-        raise ShapeError(f"{name} must be a numeric array, got dtype {arr.dtype}")
+    if arr.dtype == object or np.iscomplexobj(arr) or not (
+        np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_
+    ):
+        raise ShapeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     return arr
 
 
-def _matrix(x: Any, name: str = "x") -> np.ndarray:
-    """``x`` as a C-contiguous float32 ``[N, D]`` array."""
+def _matrix(x: Any, name: str = "x", allow_empty: bool = False) -> np.ndarray:
+    """``x`` as a C-contiguous float32 ``[N, D]`` array (``N >= 1`` unless ``allow_empty``)."""
     arr = _to_numpy(x, name)
     if arr.ndim != 2:
         raise ShapeError(f"{name} must be 2-D [N, D], got shape {arr.shape}")
     if arr.shape[1] == 0:
         raise ShapeError(f"{name} must have at least one column (D = 0), got shape {arr.shape}")
-    if arr.shape[0] == 0:
+    if arr.shape[0] == 0 and not allow_empty:
         raise ShapeError(f"{name} must have at least one row (N = 0), got shape {arr.shape}")
     with np.errstate(over="ignore", invalid="ignore"):
         # NaN/inf (and values beyond the float32 range, which become inf) are
@@ -374,7 +376,7 @@ class ResidualQuantizer:
         partial reconstructions by full residual error at every stage.
         """
         cb = self._require_fitted()
-        xa = _matrix(x)
+        xa = _matrix(x, allow_empty=True)
         self._check_dim(xa)
         b = 1 if beam is None else _int(beam, "beam", 1)
         return _gsrq.rq_encode(xa, cb, b, self.threads)
