@@ -3,7 +3,7 @@
 //! A codeword is `g_k · s_k`: a unit shape `s_k` and a gain `g_k ≥ 1e-4`.
 //!
 //! 1. Spherical initialisation: weighted Lloyd k-means ([`crate::kmeans`],
-//!    same seeding, empty-cluster rule and determinism) for `init_iters`
+//!    k-means++ or random seeding, empty-cluster rule and determinism) for `init_iters`
 //!    iterations on the unit-normalised samples `u_i = x_i / ‖x_i‖`
 //!    (a zero sample stays zero: it still counts in the weights and pulls its
 //!    centroid towards the origin, but has no direction). Shapes are the
@@ -26,8 +26,8 @@
 //! counts once in step 2 (the authors' reference variant).
 
 use crate::error::{GsrqError, Result};
-use crate::kmeans::{assign_pass, check_finite, initial_centroids, lloyd, validate, Data, Init};
-use crate::linalg::{row_norms_sq, Panels};
+use crate::kmeans::{assign_pass, check_finite, initial_centroids, lloyd, validate, Data, Init, Workspace};
+use crate::linalg::{row_norms_sq, Panels, BLOCK};
 
 /// Smallest gain.
 pub const MIN_GAIN: f32 = 1e-4;
@@ -39,11 +39,13 @@ pub struct GskmOptions {
     pub iters: usize,
     pub seed: u64,
     pub weights_in_init_only: bool,
+    /// Seeding of the spherical k-means (k-means++ by default).
+    pub init: Init,
 }
 
 impl Default for GskmOptions {
     fn default() -> Self {
-        GskmOptions { init_iters: 20, iters: 10, seed: 0, weights_in_init_only: false }
+        GskmOptions { init_iters: 20, iters: 10, seed: 0, weights_in_init_only: false, init: Init::KMeansPlusPlus }
     }
 }
 
@@ -70,18 +72,26 @@ pub fn round_bf16(g: f32) -> f32 {
 }
 
 /// Rows of `x` scaled to unit l2 norm (f64 norm); zero rows stay zero.
+/// Returns the unit rows and the norms.
 pub fn unit_rows(x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
-    let mut u = Vec::with_capacity(x.len());
-    let mut norms = Vec::with_capacity(x.len() / d.max(1));
-    for row in x.chunks_exact(d) {
-        let nn = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt();
-        norms.push(nn as f32);
-        if nn > 0.0 {
-            u.extend(row.iter().map(|&v| (v as f64 / nn) as f32));
-        } else {
-            u.extend(std::iter::repeat_n(0.0f32, d));
-        }
-    }
+    use rayon::prelude::*;
+    let n = x.len() / d.max(1);
+    let mut u = vec![0f32; x.len()];
+    let mut norms = vec![0f32; n];
+    u.par_chunks_mut(BLOCK * d)
+        .zip(norms.par_chunks_mut(BLOCK))
+        .zip(x.par_chunks(BLOCK * d))
+        .for_each(|((ub, nb), xb)| {
+            for ((ur, nv), row) in ub.chunks_exact_mut(d).zip(nb.iter_mut()).zip(xb.chunks_exact(d)) {
+                let nn = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt();
+                *nv = nn as f32;
+                if nn > 0.0 {
+                    for (o, &v) in ur.iter_mut().zip(row) {
+                        *o = (v as f64 / nn) as f32;
+                    }
+                }
+            }
+        });
     (u, norms)
 }
 
@@ -113,7 +123,7 @@ pub fn gskm(
             check_finite(c0, d, "init_centroids")?;
             c0.to_vec()
         }
-        None => initial_centroids(&udata, k, Init::KMeansPlusPlus, opts.seed),
+        None => initial_centroids(&udata, k, opts.init, opts.seed),
     };
     let (init_labels, _) = lloyd(&udata, &mut c, k, opts.init_iters);
     drop(u);
@@ -153,6 +163,7 @@ pub fn gskm(
     let mut history = Vec::with_capacity(opts.iters + 1);
     let mut cw = vec![0f32; k * d];
     let mut bias = vec![0f32; k];
+    let mut ws = Workspace::new();
     for _ in 0..opts.iters {
         for kk in 0..k {
             let g = round_bf16(gains[kk]).max(MIN_GAIN);
@@ -162,7 +173,7 @@ pub fn gskm(
             }
         }
         let panels = Panels::new(&cw, k, d, Some(&bias));
-        let pass = assign_pass(&alt, &xnorm, &panels, &mut labels, &mut dist, true);
+        let pass = assign_pass(&mut ws, &alt, &xnorm, &panels, &mut labels, &mut dist, true);
         history.push(pass.obj);
         for kk in 0..k {
             if pass.wsum[kk] <= 0.0 {
@@ -188,7 +199,7 @@ pub fn gskm(
         }
     }
     let panels = Panels::new(&cw, k, d, None);
-    let pass = assign_pass(&alt, &xnorm, &panels, &mut labels, &mut dist, false);
+    let pass = assign_pass(&mut ws, &alt, &xnorm, &panels, &mut labels, &mut dist, false);
     history.push(pass.obj);
     Ok(GainShape { codebook: cw, gains, shapes, labels, history })
 }

@@ -44,7 +44,7 @@ pub struct RqOptions {
     /// Spherical initialisation iterations (GSKM only).
     pub init_iters: usize,
     pub weights_in_init_only: bool,
-    /// Seeding of KM stages.
+    /// Seeding of KM stages and of GSKM's spherical k-means.
     pub init: Init,
 }
 
@@ -94,6 +94,7 @@ pub fn rq_fit(
                     iters: opts.iters,
                     seed,
                     weights_in_init_only: opts.weights_in_init_only,
+                    init: opts.init,
                 };
                 let res = gskm(&r, n, d, kc, weights, &go, None)?;
                 (res.codebook, res.labels)

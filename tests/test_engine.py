@@ -279,6 +279,9 @@ def test_bitwise_identical_across_thread_counts():
     r2 = gsrq.kmeans(x, 40, weights=w, iters=4, threads=2, return_history=True)
     for a, b in zip(r1, r2):
         assert a.tobytes() == b.tobytes()
+    r0 = gsrq.kmeans(x, 40, weights=w, iters=4, threads=None, return_history=True)  # global pool
+    for a, b in zip(r0, r2):
+        assert a.tobytes() == b.tobytes()
     g1 = gsrq.gskm(x, 40, weights=w, init_iters=3, iters=3, threads=1)
     g2 = gsrq.gskm(x, 40, weights=w, init_iters=3, iters=3, threads=2)
     for a, b in zip(g1, g2):
@@ -346,6 +349,9 @@ def test_rq_beam_full_width_is_exhaustive_search():
     np.testing.assert_allclose(err(codes), err(best), rtol=1e-5, atol=1e-6)
     assert err(rq.encode(x)).sum() > err(codes).sum()
     np.testing.assert_array_equal(rq.encode(x, beam=1), rq.encode(x))
+    empty = rq.encode(np.zeros((0, 4), np.float32))
+    assert empty.shape == (0, 2) and empty.dtype == np.uint16
+    assert rq.decode(empty).shape == (0, 4)
 
 
 def test_rq_stage_two_is_trained_on_residuals():
@@ -399,6 +405,10 @@ def test_bad_input_raises_named_errors(fn):
     bad[3, 2] = np.inf
     with pytest.raises(InvalidValueError):
         fn(bad, 4)
+    big = X.astype(np.float64)
+    big[1, 1] = 1e39  # beyond float32
+    with pytest.raises(InvalidValueError, match="row 1, column 1"):
+        fn(big, 4)
     with pytest.raises(InvalidValueError, match="exceeds"):
         fn(X, 51)
     with pytest.raises(InvalidValueError):
@@ -409,6 +419,10 @@ def test_bad_input_raises_named_errors(fn):
         fn(X[:, 0], 4)
     with pytest.raises(ShapeError):
         fn(X[None], 4)
+    with pytest.raises(ShapeError):
+        fn(X[:0], 1)
+    with pytest.raises(ShapeError, match="real"):
+        fn(X.astype(np.complex64), 4)
     with pytest.raises(ShapeError, match="weights"):
         fn(X, 4, weights=np.ones(49, np.float32))
     with pytest.raises(ShapeError, match="weights"):
@@ -467,3 +481,36 @@ def test_bad_options_and_rq_input():
         _gsrq.rq_encode(X, np.zeros((1, 4, 5), np.float32))
     with pytest.raises(InvalidValueError):
         _gsrq.rq_decode(np.array([[9]], np.uint16), np.zeros((1, 4, 4), np.float32))
+
+
+# ---------------------------------------------------------------- properties
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 120), d=st.integers(1, 40), k_frac=st.floats(0.01, 1.0),
+    seed=st.integers(0, 2**32), method=st.sampled_from(["km", "gskm"]),
+)
+def test_labels_are_nearest_codewords_and_history_is_monotone(n, d, k_frac, seed, method):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, d)) * rng.uniform(0.1, 10)).astype(np.float32)
+    k = max(1, int(k_frac * n))
+    if method == "km":
+        c, labels, hist = gsrq.kmeans(x, k, iters=5, seed=seed, return_history=True)
+    else:
+        c, labels, hist = gsrq.gskm(x, k, init_iters=3, iters=3, seed=seed, return_history=True)
+    assert np.isfinite(c).all() and c.shape == (k, d)
+    d2 = _sqdist(x, c)
+    chosen = d2[np.arange(n), labels]
+    # Distances are computed as ‖x‖² + ‖c‖² − 2⟨x, c⟩ in float32: absolute error ~1e-7·‖x‖².
+    scale = float((x.astype(np.float64) ** 2).sum(1).max()) + float((c.astype(np.float64) ** 2).sum(1).max())
+    if method == "km":
+        assert np.all(np.diff(hist) <= 1e-5 * hist[:-1] + 1e-5 * scale * n)
+    np.testing.assert_allclose(chosen, d2.min(1), rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(hist[-1], chosen.sum(), rtol=1e-4, atol=1e-5 * scale * n)
+    # Greedy RQ encoding of one stage is the same nearest-codeword search.
+    rq = gsrq.ResidualQuantizer.from_codebooks(c[None])
+    np.testing.assert_allclose(rq.decode(rq.encode(x)), c[labels], rtol=1e-5, atol=1e-5 * (1 + np.abs(c).max()))

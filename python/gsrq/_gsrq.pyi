@@ -53,3 +53,71 @@ def read_codebook_file(
 
 def parse_codebook_bytes(data: bytes) -> tuple[str, dict[str, npt.NDArray[np.float32]], str]:
     """:func:`read_codebook_file` on bytes held in memory."""
+
+# ---------------------------------------------------------------- engine
+# x: float32 [N, D] C-contiguous; weights: float32 [N] (non-negative, finite,
+# not all zero) or None; threads: None = the global rayon pool, else a local
+# pool of that size (results are bitwise identical for any thread count).
+
+def kmeans(
+    x: npt.NDArray[np.float32],
+    k: int,
+    weights: npt.NDArray[np.float32] | None = None,
+    iters: int = 20,
+    init: str = "kmeans++",
+    seed: int = 0,
+    threads: int | None = None,
+    init_centroids: npt.NDArray[np.float32] | None = None,
+    return_history: bool = False,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]] | tuple[
+    npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float64]
+]:
+    """Weighted Lloyd k-means: ``(centroids [k, D], labels [N])`` (+ objective
+    history ``[iters + 1]`` with ``return_history``)."""
+
+def gskm(
+    x: npt.NDArray[np.float32],
+    k: int,
+    weights: npt.NDArray[np.float32] | None = None,
+    init_iters: int = 20,
+    iters: int = 10,
+    seed: int = 0,
+    threads: int | None = None,
+    weights_in_init_only: bool = False,
+    init_centroids: npt.NDArray[np.float32] | None = None,
+    return_history: bool = False,
+    init: str = "kmeans++",
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]] | tuple[
+    npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float64]
+]:
+    """Gain-Shape K-means: ``(codebook [k, D], labels [N])``; codeword = gain x unit shape."""
+
+def rq_fit(
+    x: npt.NDArray[np.float32],
+    weights: npt.NDArray[np.float32] | None,
+    codebook_size: int,
+    stages: int,
+    method: str = "gskm",
+    seed: int = 0,
+    iters: int = 10,
+    init_iters: int = 20,
+    weights_in_init_only: bool = False,
+    threads: int | None = None,
+    init: str = "kmeans++",
+) -> npt.NDArray[np.float32]:
+    """Train a residual quantizer: codebooks ``float32 [stages, codebook_size, D]``."""
+
+def rq_encode(
+    x: npt.NDArray[np.float32],
+    codebooks: npt.NDArray[np.float32],
+    beam: int = 1,
+    threads: int | None = None,
+) -> npt.NDArray[np.uint16]:
+    """Greedy (beam == 1, ties to the lowest index) or beam-search encoding: ``uint16 [N, M]``."""
+
+def rq_decode(
+    codes: npt.NDArray[np.uint16],
+    codebooks: npt.NDArray[np.float32],
+    threads: int | None = None,
+) -> npt.NDArray[np.float32]:
+    """Sum of the chosen codewords: ``float32 [N, D]``."""

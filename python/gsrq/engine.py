@@ -48,31 +48,26 @@ def _to_numpy(a: Any, name: str) -> np.ndarray:
         arr = np.asarray(a)
     except (TypeError, ValueError) as e:
         raise ShapeError(f"{name} cannot be converted to an array: {e}") from e
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
-        raise ShapeError(f"{name} must be a numeric array, got dtype {arr.dtype}")
+    if arr.dtype == object or np.iscomplexobj(arr) or not (
+        np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_
+    ):
+        raise ShapeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     return arr
 
 
-def _matrix(x: Any, name: str = "x") -> np.ndarray:
-    """``x`` as a C-contiguous float32 ``[N, D]`` array."""
+def _matrix(x: Any, name: str = "x", allow_empty: bool = False) -> np.ndarray:
+    """``x`` as a C-contiguous float32 ``[N, D]`` array (``N >= 1`` unless ``allow_empty``)."""
     arr = _to_numpy(x, name)
     if arr.ndim != 2:
         raise ShapeError(f"{name} must be 2-D [N, D], got shape {arr.shape}")
     if arr.shape[1] == 0:
         raise ShapeError(f"{name} must have at least one column (D = 0), got shape {arr.shape}")
-    if arr.shape[0] == 0:
+    if arr.shape[0] == 0 and not allow_empty:
         raise ShapeError(f"{name} must have at least one row (N = 0), got shape {arr.shape}")
     with np.errstate(over="ignore", invalid="ignore"):
-        out = np.ascontiguousarray(arr, dtype=np.float32)
-    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-        bad = np.argwhere(~np.isfinite(arr))[0]
-        raise InvalidValueError(f"{name} contains a non-finite value at row {bad[0]}, column {bad[1]}")
-    if not np.isfinite(out).all():
-        bad = np.argwhere(~np.isfinite(out))[0]
-        raise InvalidValueError(
-            f"{name} overflows float32 at row {bad[0]}, column {bad[1]}"
-        )
-    return out
+        # NaN/inf (and values beyond the float32 range, which become inf) are
+        # reported by the Rust core with their row and column.
+        return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def _weights(weights: Any, n: int) -> np.ndarray | None:
@@ -199,13 +194,14 @@ def gskm(
     weights_in_init_only: bool = False,
     init_centroids: Any = None,
     return_history: bool = False,
+    init: str = "kmeans++",
 ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gain-Shape K-means (DESIGN.md §1).
 
     Codeword ``k`` is ``g_k · s_k`` with a unit shape ``s_k`` and a gain
     ``g_k >= 1e-4``. Spherical initialisation: weighted k-means
     (``init_iters`` Lloyd iterations, k-means++ seeding) on the unit vectors
-    ``x/‖x‖`` (zero rows stay zero); shapes = normalised centroids; gains =
+    ``x/‖x‖`` (zero rows stay zero) seeded by ``init``; shapes = normalised centroids; gains =
     weighted mean ``‖x‖`` of the samples nearest to each spherical centroid
     (a memberless cluster gets the mean norm of all samples). Then ``iters``
     alternating steps: gains rounded to bfloat16 and clamped at 1e-4; assign
@@ -224,8 +220,10 @@ def gskm(
         weights_in_init_only: use the weights in the spherical
             initialisation only, every sample counting once afterwards.
         init_centroids: optional ``[k, D]`` starting centroids of the
-            spherical k-means (on unit-vector data), replacing k-means++.
+            spherical k-means (on unit-vector data), replacing ``init``.
         return_history: also return the objective history.
+        init: seeding of the spherical k-means, ``"kmeans++"`` (weighted D²
+            sampling on the unit vectors) or ``"random"``.
 
     Returns:
         ``codebook`` float32 ``[k, D]`` and ``labels`` int64 ``[N]`` (the
@@ -236,6 +234,8 @@ def gskm(
     xa = _matrix(x)
     n, d = xa.shape
     k = _k(k, n)
+    if init not in ("kmeans++", "random"):
+        raise InvalidValueError(f'init must be "kmeans++" or "random", got {init!r}')
     res = _gsrq.gskm(
         xa,
         k,
@@ -247,6 +247,7 @@ def gskm(
         bool(weights_in_init_only),
         _init_centroids(init_centroids, k, d),
         bool(return_history),
+        init,
     )
     return tuple(res)  # type: ignore[return-value]
 
@@ -269,7 +270,8 @@ class ResidualQuantizer:
             default 10 for GSKM and 20 for KM.
         init_iters: spherical-initialisation iterations of GSKM.
         weights_in_init_only: GSKM option, see :func:`gskm`.
-        init: seeding of KM stages, ``"kmeans++"`` or ``"random"``.
+        init: seeding of KM stages and of GSKM's spherical k-means,
+            ``"kmeans++"`` or ``"random"``.
         threads: ``None`` (global pool) or a thread count.
     """
 
@@ -374,7 +376,7 @@ class ResidualQuantizer:
         partial reconstructions by full residual error at every stage.
         """
         cb = self._require_fitted()
-        xa = _matrix(x)
+        xa = _matrix(x, allow_empty=True)
         self._check_dim(xa)
         b = 1 if beam is None else _int(beam, "beam", 1)
         return _gsrq.rq_encode(xa, cb, b, self.threads)

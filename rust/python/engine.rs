@@ -93,7 +93,7 @@ fn kmeans<'py>(
 /// Returns `(codebook f32[k, D], labels i64[N])`, plus the objective history
 /// `f64[iters + 1]` when `return_history`.
 #[pyfunction]
-#[pyo3(signature = (x, k, weights=None, init_iters=20, iters=10, seed=0, threads=None, weights_in_init_only=false, init_centroids=None, return_history=false))]
+#[pyo3(signature = (x, k, weights=None, init_iters=20, iters=10, seed=0, threads=None, weights_in_init_only=false, init_centroids=None, return_history=false, init="kmeans++"))]
 #[allow(clippy::too_many_arguments)]
 fn gskm<'py>(
     py: Python<'py>,
@@ -107,7 +107,9 @@ fn gskm<'py>(
     weights_in_init_only: bool,
     init_centroids: Option<PyReadonlyArray2<'py, f32>>,
     return_history: bool,
+    init: &str,
 ) -> PyResult<Bound<'py, PyTuple>> {
+    let init: Init = init.parse().map_err(to_py)?;
     let (n, d) = (x.shape()[0], x.shape()[1]);
     let xs = contiguous(&x, "x")?.to_vec();
     let w = weights_vec(weights.as_ref())?;
@@ -124,7 +126,7 @@ fn gskm<'py>(
         }
     };
     let threads = threads_opt(threads)?;
-    let opts = GskmOptions { init_iters, iters, seed, weights_in_init_only };
+    let opts = GskmOptions { init_iters, iters, seed, weights_in_init_only, init };
     let res = py
         .detach(|| with_threads(threads, || gskm_rs(&xs, n, d, k, w.as_deref(), &opts, c0.as_deref())))
         .and_then(|r| r)
