@@ -54,7 +54,7 @@ def test_fit_key_scale_is_channel_rms():
     # a dead channel is floored, not zero
     x[:, :, 3] = 0
     s = fit_key_scale(x)
-    assert (s[:, 3] > 0).all() and np.allclose(s[:, 3], s.max(axis=1) * 1e-3, rtol=1e-3)
+    assert (s[:, 3] > 0).all() and np.allclose(s[:, 3], s.max() * 1e-6, rtol=5e-2)  # float16 subnormal
     with pytest.raises(InvalidValueError):
         fit_key_scale(torch.zeros(1, 4, HD))
     with pytest.raises(ShapeError):
@@ -224,7 +224,7 @@ def test_ablation_train_quantizers_on_synthetic_capture():
     assert set(qs) == {(l, k) for l in range(2) for k in ("keys", "values")}
     kq = qs[1, "keys"]
     np.testing.assert_allclose(kq.rotation.numpy(), hadamard_matrix(HD, torch.from_numpy(rotation_signs(0, 1, HD))).numpy())
-    assert kq.norm and kq.scale.shape == (1, HD)
+    assert kq.norm and kq.scale.shape == (2, HD) and kq.query_map.shape == (2, HD, HD)  # per KV head, shared books
     assert np.array_equal(kq.codebooks.numpy(), kq.codebooks.numpy().astype(np.float16).astype(np.float32))
     rec = reconstruction(qs, cap)
     assert rec["keys"]["cosine"] > 0.5 and rec["values"]["rel_mse"] < 1

@@ -6,11 +6,12 @@ this order before residual quantization:
 1. rotation ``y = x @ R``: ``R = H / sqrt(hd)`` (``"hadamard"``) or
    ``diag(signs) @ H / sqrt(hd)`` (``"hadamard_signs"``); the ``±1`` signs
    ``[hd]`` are drawn from the configuration seed and the layer
-   (:func:`rotation_signs`) and stored as ``layers.{l}.keys.signs``;
-2. per-channel scale ``y = y / scale``: ``scale`` float32 ``[Hc, hd]`` is the
-   root-mean-square of each rotated channel over the calibration keys
-   (``Hc`` = KV heads with ``per_head``, else 1), stored as
-   ``layers.{l}.keys.scale`` (:func:`fit_key_scale`);
+   (:func:`rotation_signs`, the same draw as :func:`gsrq.calibrate.calibrate`)
+   and stored as ``layers.{l}.keys.signs``;
+2. per-channel scale ``y = y / scale``: ``scale`` float32 ``[Hkv, hd]`` is the
+   root-mean-square of each rotated channel of each KV head over the
+   calibration keys (one row per KV head, also when codebooks are shared),
+   stored as ``layers.{l}.keys.scale`` (:func:`fit_key_scale`);
 3. norm: the unit vector ``y / ||y||`` is quantized, ``||y||`` kept in float16.
 
 All three are linear maps of the key (or a per-token scalar), so attention
@@ -44,36 +45,36 @@ from gsrq.quantizer import hadamard_matrix
 
 __all__ = ["KeyLevers", "fit_key_levers", "fit_key_scale", "rotation_signs"]
 
-#: floor of a fitted channel scale, relative to the largest channel RMS
-SCALE_FLOOR = 1e-3
+#: floor of a fitted channel scale, relative to the largest channel RMS of the layer
+SCALE_FLOOR = 1e-6
 
 
 def rotation_signs(seed: int, layer: int, head_dim: int) -> np.ndarray:
     """Seeded ``±1`` float32 ``[head_dim]`` signs of layer ``layer``'s key rotation."""
     if not isinstance(head_dim, int) or head_dim < 1:
         raise ConfigError(f"head_dim must be a positive integer, got {head_dim!r}")
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(layer), 0x5A1635]))
-    return np.where(rng.random(head_dim) < 0.5, -1.0, 1.0).astype(np.float32)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5167, int(layer)]))
+    return rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=head_dim)
 
 
 def fit_key_scale(y: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Per-channel scales of (rotated) keys: y float ``[Hc, N, hd]`` -> float32 ``[Hc, hd]``.
+    """Per-channel scales of (rotated) keys: y float ``[Hkv, N, hd]`` -> float32 ``[Hkv, hd]``.
 
-    The scale of a channel is its root-mean-square over the ``N`` samples,
-    floored at ``SCALE_FLOOR`` times the largest channel RMS of that head group
-    (a dead channel would otherwise blow up after division), and rounded to
+    The scale of a channel of a KV head is its root-mean-square over the ``N``
+    tokens, floored at ``SCALE_FLOOR`` times the largest channel RMS of the
+    layer (a dead channel would otherwise blow up after division), and rounded to
     float16 values (how a codebook file stores it) so calibration trains with
     exactly the scale the cache will use.
     """
     a = torch.as_tensor(y).to(torch.float64)
     if a.dim() != 3 or a.shape[1] < 1:
-        raise ShapeError(f"keys for scale fitting must have shape [Hc, N >= 1, hd], got {list(a.shape)}")
+        raise ShapeError(f"keys for scale fitting must have shape [Hkv, N >= 1, hd], got {list(a.shape)}")
     if not bool(torch.isfinite(a).all()):
         raise InvalidValueError("keys for scale fitting contain NaN or inf")
     rms = a.pow(2).mean(dim=1).sqrt()
-    top = rms.max(dim=1, keepdim=True).values
-    if not bool((top > 0).all()):
-        raise InvalidValueError("cannot fit key scales: a head group's keys are all zero")
+    top = rms.max()
+    if not bool(top > 0):
+        raise InvalidValueError("cannot fit key scales: the keys are all zero")
     # rounded to float16, the precision a codebook file stores them in
     return torch.maximum(rms, top * SCALE_FLOOR).to(torch.float16).to(torch.float32).numpy()
 
@@ -83,7 +84,7 @@ class KeyLevers:
     """The fitted key levers of one layer.
 
     rotation: float32 ``[hd, hd]`` orthogonal or None; signs: float32 ``[hd]``
-    (``hadamard_signs``) or None; scale: float32 ``[Hc, hd]`` or None; norm: bool.
+    (``hadamard_signs``) or None; scale: float32 ``[Hkv, hd]`` or None; norm: bool.
     """
 
     rotation: torch.Tensor | None
@@ -96,7 +97,7 @@ class KeyLevers:
         return self.rotation is not None or self.scale is not None or self.norm
 
     def aux_tensors(self) -> dict[str, np.ndarray]:
-        """The tensors a codebook file stores for these levers: ``{"signs": [hd], "scale": [Hc, hd]}`` (present ones)."""
+        """The tensors a codebook file stores for these levers: ``{"signs": [hd], "scale": [Hkv, hd]}`` (present ones)."""
         out: dict[str, np.ndarray] = {}
         if self.signs is not None:
             out["signs"] = np.asarray(self.signs, dtype=np.float32)
@@ -107,17 +108,17 @@ class KeyLevers:
     def to_code_domain(
         self, x: torch.Tensor, g: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Keys ``[Hc, N, hd]`` (and their loss gradients) -> code domain.
+        """Keys ``[Hkv, N, hd]`` (and their loss gradients) -> code domain.
 
-        Returns ``(y, g_y, norms)``: float32 ``[Hc, N, hd]``, the transformed
-        gradients (None when ``g`` is None) and float32 norms ``[Hc, N]`` (None
+        Returns ``(y, g_y, norms)``: float32 ``[Hkv, N, hd]``, the transformed
+        gradients (None when ``g`` is None) and float32 norms ``[Hkv, N]`` (None
         without the norm lever; rounded to float16 as the cache stores them).
         Matches :meth:`KVQuantizer.to_code_domain` on the same tensors.
         """
         y = torch.as_tensor(x).to(torch.float32)
         gy = None if g is None else torch.as_tensor(g).to(torch.float32)
         if y.dim() != 3:
-            raise ShapeError(f"keys must have shape [Hc, N, hd], got {list(y.shape)}")
+            raise ShapeError(f"keys must have shape [Hkv, N, hd], got {list(y.shape)}")
         if gy is not None and gy.shape != y.shape:
             raise ShapeError(f"gradients have shape {list(gy.shape)}, keys {list(y.shape)}")
         if self.rotation is not None:
@@ -140,17 +141,16 @@ class KeyLevers:
 
 
 def fit_key_levers(config: GSRQConfig, layer: int, keys: Any) -> KeyLevers:
-    """Fit the key levers of ``config`` for ``layer`` from calibration keys float ``[Hc, N, hd]``.
+    """Fit the key levers of ``config`` for ``layer`` from calibration keys float ``[Hkv, N, hd]``.
 
-    ``Hc`` is the number of KV heads with ``config.per_head`` and 1 otherwise
-    (samples of all heads pooled). The rotation needs no data (signs come from
-    ``config.seed``); the scale is the channel RMS after the rotation.
+    The rotation needs no data (signs come from ``config.seed``); the scale is
+    the channel RMS of each KV head after the rotation.
     """
     if not isinstance(config, GSRQConfig):
         raise ConfigError(f"config must be a GSRQConfig, got {type(config).__name__}")
     x = torch.as_tensor(keys).to(torch.float32)
     if x.dim() != 3:
-        raise ShapeError(f"keys must have shape [Hc, N, hd], got {list(x.shape)}")
+        raise ShapeError(f"keys must have shape [Hkv, N, hd], got {list(x.shape)}")
     hd = int(x.shape[-1])
     rotation = signs = None
     if config.key_rotation != "none":

@@ -137,7 +137,8 @@ class KVQuantizer:
         heads, else the number of KV heads; ``C * D`` = head_dim).
     kind_config: the :class:`KindConfig` (D, Kc, M) the codebooks were trained for.
     rotation: optional orthogonal float ``[hd, hd]`` key rotation (``y = x @ rotation``).
-    scale: optional positive float ``[H, hd]`` (or ``[hd]``) channel scale (``y = y / scale``).
+    scale: optional positive float ``[H, hd]`` (or ``[hd]``) channel scale (``y = y / scale``);
+        with shared codebooks (``H`` = 1) also ``[Hkv, hd]``, one row per KV head.
     norm: quantize unit vectors and keep float16 per-token norms.
     beam: beam width over residual stages (1: greedy). Beams > 1 need the Rust engine.
     engine: ``"auto"`` (Rust on CPU tensors when built, torch elsewhere),
@@ -208,7 +209,8 @@ class KVQuantizer:
             s = torch.as_tensor(scale).to(device=cb.device, dtype=torch.float32)
             if s.dim() == 1:
                 s = s.unsqueeze(0)
-            if s.dim() != 2 or s.shape[1] != hd or s.shape[0] not in (1, H):
+            # one row for all heads, one per codebook head, or (shared codebooks) one per KV head
+            if s.dim() != 2 or s.shape[1] != hd or (H > 1 and s.shape[0] not in (1, H)):
                 raise ShapeError(f"scale must have shape [{H}, {hd}] or [{hd}], got {list(s.shape)}")
             if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
                 raise InvalidValueError("scale must be finite and positive")
@@ -330,6 +332,9 @@ class KVQuantizer:
     def query_map(self) -> torch.Tensor | None:
         """``[H, hd, hd]`` float32 map with ``<q, x_hat> = n * <q @ query_map[h], rq_hat>``, or None.
 
+        ``H``: codebook heads, or the KV heads when shared codebooks have
+        per-KV-head scales.
+
         ``rq_hat`` is the plain residual reconstruction (sum of codewords) and
         ``n`` the stored norm (1 without the norm lever). None when there is
         no rotation and no scale.
@@ -341,6 +346,7 @@ class KVQuantizer:
         H = self.num_codebook_heads
         if self.scale is None:
             return r.unsqueeze(0).expand(H, hd, hd).contiguous()
+        H = max(H, int(self.scale.shape[0]))  # per-KV-head scales with shared codebooks: one map per KV head
         return (r.unsqueeze(0) * self.scale.unsqueeze(1)).expand(H, hd, hd).contiguous()
 
     def __repr__(self) -> str:
@@ -362,6 +368,8 @@ class KVQuantizer:
         H = self.num_codebook_heads
         if H > 1 and x.shape[1] != H:
             raise ShapeError(f"{name} has {x.shape[1]} KV heads, the per-head codebooks have {H}")
+        if self.scale is not None and self.scale.shape[0] > 1 and x.shape[1] != self.scale.shape[0]:
+            raise ShapeError(f"{name} has {x.shape[1]} KV heads, the key scale has {self.scale.shape[0]} rows")
         if not x.is_floating_point():
             raise ShapeError(f"{name} must be a float tensor, got {x.dtype}")
         if not bool(torch.isfinite(x).all()):

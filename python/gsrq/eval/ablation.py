@@ -170,19 +170,18 @@ def train_quantizers(config: GSRQConfig, cap: Capture, *, threads: int | None = 
         for kind in KINDS:
             kc = config.kind(kind)
             C = kc.chunks(hd)
-            x = torch.from_numpy(cap.x[layer, kind])  # [N, H, hd]
-            g = torch.from_numpy(cap.g[layer, kind])
-            if config.per_head:
-                xg, gg = x.permute(1, 0, 2), g.permute(1, 0, 2)  # [H, N, hd]
-            else:
-                xg, gg = x.reshape(1, -1, hd), g.reshape(1, -1, hd)  # [1, N*H, hd]
+            x = torch.from_numpy(cap.x[layer, kind]).permute(1, 0, 2)  # [H, N, hd]
+            g = torch.from_numpy(cap.g[layer, kind]).permute(1, 0, 2)
+            levers = fit_key_levers(config, layer, x) if kind == "keys" else KeyLevers(None, None, None, False)
+            y, gy, _ = levers.to_code_domain(x, g)  # code domain, per KV head
+            assert gy is not None
+            if not config.per_head:
+                y, gy = y.reshape(1, -1, hd), gy.reshape(1, -1, hd)  # [1, H*N, hd]: heads pooled
             rng = np.random.default_rng(np.random.SeedSequence([config.seed, layer, KINDS.index(kind), 0x5E1]))
-            n = xg.shape[1]
+            n = y.shape[1]
             if n > config.max_samples:
                 idx = torch.from_numpy(np.sort(rng.choice(n, config.max_samples, replace=False)))
-                xg, gg = xg[:, idx], gg[:, idx]
-            levers = fit_key_levers(config, layer, xg) if kind == "keys" else KeyLevers(None, None, None, False)
-            y, gy, _ = levers.to_code_domain(xg, gg)
+                y, gy = y[:, idx], gy[:, idx]
             books = np.empty((Hc, C, kc.M, kc.Kc, kc.D), dtype=np.float32)
             for h in range(Hc):
                 norms = chunk_norms(gy[h], kc.D).numpy()  # [n, C]
