@@ -173,8 +173,10 @@ def test_rates_and_cache_bytes():
     g = parse_method("gsrq:1")
     r = rates(g, None, 1024, head_dim=64, num_kv_heads=3, sinks=4, window=0)
     assert r["code"] == 1.0
-    # codes + 4 exact tokens at 16 bits + codebooks (1 chunk x 8 stages x 256 x 64 x 16 bits per kind)
-    want = (2 * 1020 * 3 * 64 * 1 + 2 * 4 * 3 * 64 * 16 + 2 * 8 * 256 * 64 * 16) / (2 * 1024 * 3 * 64)
+    # codes + 16-bit key norms (the preset's key_norm) + 4 exact tokens at 16 bits + per-KV-head codebooks
+    # (3 heads x 1 chunk x 8 stages x 256 x 64 x 16 bits per kind)
+    assert g.config.per_head and g.config.key_norm
+    want = (2 * 1020 * 3 * 64 * 1 + 1020 * 3 * 16 + 2 * 4 * 3 * 64 * 16 + 2 * 3 * 8 * 256 * 64 * 16) / (2 * 1024 * 3 * 64)
     assert math.isclose(r["total"], want)
     r64 = rates(g, None, 1024, head_dim=64, num_kv_heads=3, sinks=4, window=64)
     assert r64["total"] > r["total"]

@@ -67,14 +67,18 @@ class KindConfig:
         return math.ceil(self.codes_per_token(head_dim) * self.code_bits / 8)
 
 
-# Defaults per rate; both kinds get the same shape unless a caller splits them.
+# Defaults per code rate, the measured best of the ablation (docs/results/quality.md,
+# SmolLM2-135M, held-out wiki): whole-head chunks (D=64) with many stages of
+# Kc=256 at <= 1 bit, D=32 at 2 bits; codebooks per KV head; keys quantized as
+# unit vectors with a 16-bit norm (key_norm). 0.75 and 0.375 bits were not
+# measured: they follow the measured rates' pattern (D=64, per head, key norm).
 # D=64 chunks need head_dim % 64 == 0 (SmolLM2: 64, LLaMA-3-8B: 128).
-_FROM_BITS: dict[float, tuple[KindConfig, KindConfig]] = {
-    2.0: (KindConfig(D=32, Kc=256, M=8), KindConfig(D=32, Kc=256, M=8)),
-    1.0: (KindConfig(D=64, Kc=256, M=8), KindConfig(D=64, Kc=256, M=8)),
-    0.75: (KindConfig(D=64, Kc=256, M=6), KindConfig(D=64, Kc=256, M=6)),
-    0.5: (KindConfig(D=64, Kc=256, M=4), KindConfig(D=64, Kc=256, M=4)),
-    0.375: (KindConfig(D=64, Kc=256, M=3), KindConfig(D=64, Kc=256, M=3)),
+_FROM_BITS: dict[float, dict[str, Any]] = {
+    2.0: {"keys": KindConfig(D=32, Kc=256, M=8), "values": KindConfig(D=32, Kc=256, M=8), "per_head": True, "key_norm": True},
+    1.0: {"keys": KindConfig(D=64, Kc=256, M=8), "values": KindConfig(D=64, Kc=256, M=8), "per_head": True, "key_norm": True},
+    0.75: {"keys": KindConfig(D=64, Kc=256, M=6), "values": KindConfig(D=64, Kc=256, M=6), "per_head": True, "key_norm": True},
+    0.5: {"keys": KindConfig(D=64, Kc=256, M=4), "values": KindConfig(D=64, Kc=256, M=4), "per_head": True, "key_norm": True},
+    0.375: {"keys": KindConfig(D=64, Kc=256, M=3), "values": KindConfig(D=64, Kc=256, M=3), "per_head": True, "key_norm": True},
 }
 
 
@@ -153,8 +157,7 @@ class GSRQConfig:
                 f"no preset for {bits} bits per element; choose one of "
                 f"{sorted(_FROM_BITS)} or give keys/values KindConfigs"
             )
-        k, v = _FROM_BITS[key]
-        params: dict[str, Any] = {"keys": k, "values": v}
+        params: dict[str, Any] = dict(_FROM_BITS[key])
         params.update(overrides)
         return cls(**params)
 

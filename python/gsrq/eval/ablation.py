@@ -251,6 +251,16 @@ def grid(max_samples: int) -> dict[str, GSRQConfig]:
     g["1b D32/M4 km"] = _cfg((32, 4), method="km", **base)
     g["1b D16/M2 km"] = _cfg((16, 2), method="km", **base)
     g["1b D64/M16 Kc16"] = _cfg((64, 16, 16), **base)
+    g["1b D64/M8 samples x3"] = _cfg((64, 8), max_samples=3 * max_samples)
+    # combinations of the levers that helped alone
+    g["1b perhead+norm"] = _cfg((64, 8), per_head=True, key_norm=True, **base)
+    g["1b perhead+norm K12/V4"] = _cfg((64, 12), (64, 4), per_head=True, key_norm=True, **base)
+    g["1b perhead+norm K10/V6"] = _cfg((64, 10), (64, 6), per_head=True, key_norm=True, **base)
+    g["1b norm K12/V4"] = _cfg((64, 12), (64, 4), key_norm=True, **base)
+    g["0.5b perhead+norm"] = _cfg((64, 4), per_head=True, key_norm=True, **base)
+    g["0.5b perhead+norm K6/V2"] = _cfg((64, 6), (64, 2), per_head=True, key_norm=True, **base)
+    g["2b perhead+norm"] = _cfg((32, 8), per_head=True, key_norm=True, **base)
+    g["2b norm"] = _cfg((32, 8), key_norm=True, **base)
     # 0.5 bit
     g["0.5b D32/M2"] = _cfg((32, 2), **base)
     g["0.5b D64/M4"] = _cfg((64, 4), **base)
