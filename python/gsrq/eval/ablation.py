@@ -260,6 +260,7 @@ def grid(max_samples: int) -> dict[str, GSRQConfig]:
     g["0.5b perhead+norm K6/V2"] = _cfg((64, 6), (64, 2), per_head=True, key_norm=True, **base)
     g["2b perhead+norm"] = _cfg((32, 8), per_head=True, key_norm=True, **base)
     g["2b norm"] = _cfg((32, 8), key_norm=True, **base)
+    g["2b perhead+norm km"] = _cfg((32, 8), per_head=True, key_norm=True, method="km", **base)
     # 0.5 bit
     g["0.5b D32/M2"] = _cfg((32, 2), **base)
     g["0.5b D64/M4"] = _cfg((64, 4), **base)
