@@ -253,7 +253,11 @@ def test_bad_input_raises() -> None:
     with pytest.raises(InvalidValueError, match="positive"):
         KVQuantizer(books, kc, scale=-torch.ones(16))
     with pytest.raises(ConfigError, match="engine"):
-        KVQuantizer(books, kc, engine="cuda")
+        KVQuantizer(books, kc, engine="gpu")
+    with pytest.raises(ConfigError, match="CUDA device"):
+        KVQuantizer(books, kc, engine="cuda").encode(torch.randn(1, 2, 1, 16))
+    with pytest.raises(ConfigError, match="check_values"):
+        KVQuantizer(books, kc, check_values="yes")
     with pytest.raises(ConfigError, match="beam"):
         KVQuantizer(books, kc, beam=2, engine="torch").encode(torch.randn(1, 2, 1, 16))
 
