@@ -575,9 +575,11 @@ def enable_fused_attention(model: torch.nn.Module, name: str = "gsrq") -> torch.
 
     register_transformers_attention(name)
     setter = getattr(model, "set_attn_implementation", None)
-    if callable(setter):
+    try:
+        if not callable(setter):
+            raise AttributeError("set_attn_implementation")
         setter(name)
-    else:
+    except (AttributeError, TypeError, ValueError):  # older 5.x: the config attribute is what attention reads
         model.config._attn_implementation = name
     track_padding(model)
     return model

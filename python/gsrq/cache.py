@@ -719,7 +719,9 @@ _HOOK_ATTR = "_gsrq_padding_hook"
 
 
 def _padding_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    cache = kwargs.get("past_key_values")
+    if cache is None:
+        cache = kwargs.get("cache")
     mask = kwargs.get("attention_mask")
     if isinstance(cache, GSRQCache) and isinstance(mask, torch.Tensor) and mask.dim() == 2:
         if cache.get_seq_length() == 0:
