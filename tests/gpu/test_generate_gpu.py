@@ -193,3 +193,57 @@ def test_quantizer_encode_cuda_matches_rust(kind_cfg, dtype):
     _greedy_check(x.float().permute(0, 2, 1, 3).reshape(-1, 8, 128), books, rows)
     differ = (gpu.cpu() != rust).any(-1).float().mean().item()
     assert differ <= 2e-3, f"{differ:.2%} of rows differ from the Rust encoder"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_cache_updates_and_fused_attention_never_sync(fused):
+    """GSRQCache updates on CUDA (prefill encode, decode-step encode, dense reconstruction or the
+    compressed view) and the fused attention call make no host-device synchronisation
+    (torch's sync debug mode turns any into an error)."""
+    from gsrq import attention
+
+    model = _model()
+    books = _books(model, KindConfig(D=64, Kc=256, M=4))
+
+    def fresh_layer():
+        cache = cache_mod.GSRQCache.from_codebooks(books, model.config, "cuda", fused=fused)
+        return cache.layers[0]
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(2, 2, 60, 64, device="cuda", generator=g)
+    v = torch.randn(2, 2, 60, 64, device="cuda", generator=g)
+    q = torch.randn(2, 8, 1, 64, device="cuda", generator=g)
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def run(layer, t0, t1):
+        outs = []
+        for t in range(t0, t1):
+            key, value = layer.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
+            if fused:
+                outs.append(attention.gsrq_attention_forward(None, q, key, value, None, scaling=0.125)[0])
+            else:  # the dense reconstruction, attended by torch directly
+                outs.append(sdpa(q, key, value, scale=0.125, enable_gqa=True).transpose(1, 2))
+        return outs
+
+    warm = fresh_layer()  # loads the kernels and caches the device limits and launch plans
+    warm.update(k[:, :, :40], v[:, :, :40])
+    run(warm, 40, 42)
+    before = attention.CALLS["fused"]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer = fresh_layer()
+        layer.update(k[:, :, :40], v[:, :, :40])
+        outs = run(layer, 40, 46)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert attention.CALLS["fused"] - before == (6 if fused else 0)
+    # and the result is the attention over the dense reconstruction
+    dense = fresh_layer()
+    dense.fused = False
+    dense.update(k[:, :, :40], v[:, :, :40])
+    for t, out in zip(range(40, 46), outs):
+        kd, vd = dense.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        ref = sdpa(q, kd, vd, scale=0.125, enable_gqa=True).transpose(1, 2)
+        torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
