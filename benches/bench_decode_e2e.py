@@ -230,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     model.config._attn_implementation = "sdpa" if b is None else "gsrq"
                     cache = DynamicCache() if b is None else GSRQCache.from_codebooks(books[b], model.config, dev)
-                    before = attention.CALLS[path]
+                    before, fell_back = attention.CALLS[path], attention.CALLS["fallback"]
                     r = run_one(model, cache, B, ctx, args.steps, kw, dev, args.fill)
                     fused = attention.CALLS[path] - before
+                    fell_back = attention.CALLS["fallback"] - fell_back
                     if b is None:
                         base = r["tok_s"]
                     speed = f"{r['tok_s'] / base:.2f}x" if base else "n/a"
@@ -240,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"| {label} | {B} | {ctx} | {r['tok_s']:.1f} | {r['ms_step']:.1f} | {speed} | "
                         f"{r['kv_gib']:.3f} | {r['peak_gib']:.1f} | {r['prefill_s']:.1f} | {fused} |"
                     )
+                    if b is not None and (fused == 0 or fell_back):
+                        emit(f"| ^ warning: {fell_back} decode-attention calls fell back to dequantize + attention |")
                 except torch.cuda.OutOfMemoryError:
                     emit(f"| {label} | {B} | {ctx} | out of memory |")
                 del cache
