@@ -598,6 +598,8 @@ def test_fused_modes(model, codebooks) -> None:
         generate(model, ids, on, max_new_tokens=4)
     with pytest.raises(ConfigError, match="fused"):
         make_cache(codebooks, model, fused="yes")
+    checked = make_cache(codebooks, model, check_values=True).layers[1]
+    assert checked.key_quantizer.check_values is True and checked.value_quantizer.check_values is True
 
 
 def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

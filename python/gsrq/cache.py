@@ -622,12 +622,14 @@ class GSRQCache(Cache):
         engine: str = "auto",
         threads: int | None = None,
         fused: bool | str = "auto",
+        check_values: bool | None = None,
     ) -> "GSRQCache":
         """A cache from a :class:`gsrq.Codebooks` object checked against ``model_config``.
 
         Raises :class:`gsrq.ModelMismatchError` (naming the field) when the
         codebooks were made for another model. ``device`` None: the device of
         the first keys seen. ``model_config`` is kept for ``fused="auto"``.
+        ``engine``, ``threads``, ``check_values``: see :class:`KVQuantizer`.
         """
         shapes = model_shapes(model_config)
         for field in ("num_layers", "num_kv_heads", "head_dim"):
@@ -640,11 +642,15 @@ class GSRQCache(Cache):
         cfg: GSRQConfig = codebooks.config
         cfg.validate_for(shapes["head_dim"], shapes["num_kv_heads"])
         kq = [
-            KVQuantizer.from_codebooks(codebooks, layer, "keys", device, engine=engine, threads=threads)
+            KVQuantizer.from_codebooks(
+                codebooks, layer, "keys", device, engine=engine, threads=threads, check_values=check_values
+            )
             for layer in range(shapes["num_layers"])
         ]
         vq = [
-            KVQuantizer.from_codebooks(codebooks, layer, "values", device, engine=engine, threads=threads)
+            KVQuantizer.from_codebooks(
+                codebooks, layer, "values", device, engine=engine, threads=threads, check_values=check_values
+            )
             for layer in range(shapes["num_layers"])
         ]
         return cls(
@@ -668,6 +674,7 @@ class GSRQCache(Cache):
         engine: str = "auto",
         threads: int | None = None,
         fused: bool | str = "auto",
+        check_values: bool | None = None,
     ) -> "GSRQCache":
         """A cache from a codebook file (see docs/format.md) for ``model`` (a transformers model), on its device."""
         from gsrq.codebooks import Codebooks
@@ -679,7 +686,8 @@ class GSRQCache(Cache):
         except (AttributeError, StopIteration):
             pass
         return cls.from_codebooks(
-            cbs, model.config, device, sinks=sinks, window=window, engine=engine, threads=threads, fused=fused
+            cbs, model.config, device, sinks=sinks, window=window, engine=engine, threads=threads, fused=fused,
+            check_values=check_values,
         )
 
     # ------------------------------------------------------------- accounting
