@@ -19,7 +19,7 @@ from gsrq.attention import CompressedKV
 from gsrq.cache import GSRQCache, GSRQLayer, generate_cache_kwarg, model_shapes
 from gsrq.config import GSRQConfig, KindConfig
 from gsrq.engine import ResidualQuantizer
-from gsrq.errors import ConfigError, ModelMismatchError, ShapeError
+from gsrq.errors import ConfigError, InvalidValueError, ModelMismatchError, ShapeError
 from gsrq.quantizer import KVQuantizer
 
 KIND = KindConfig(D=8, Kc=16, M=2)  # 2 chunks x 2 stages x 4 bits = 1 bit per element
@@ -530,3 +530,145 @@ def test_early_initialization_and_bf16(model, codebooks) -> None:
     assert cache.layers[0].sink_keys.dtype == torch.bfloat16 and cache.layers[0].num_coded > 0
     same = generate(bf, ids, make_cache(codebooks, bf, window=64))
     torch.testing.assert_close(same, generate(bf, ids, DynamicCache()), rtol=0, atol=0)
+
+
+# ============================================================ fused decode hook and left padding
+def fused_model(model):
+    """A copy of the model attending with attn_implementation="gsrq" (and tracking padding)."""
+    from gsrq.attention import enable_fused_attention
+
+    return enable_fused_attention(copy.deepcopy(model))
+
+
+def calls(kind: str = "reference") -> int:
+    from gsrq import attention
+
+    return attention.CALLS[kind]
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_fused_hook_generation_matches_dense_path(model, codebooks, beams) -> None:
+    """attn_implementation="gsrq" + GSRQCache (decode steps over the packed codes, the torch reference
+    of the fused kernels on the CPU) generates what the dense reconstruction path generates."""
+    ids = prompt(12, seed=40, batch=2)
+    steps = 10
+    dense_cache = make_cache(codebooks, model, sinks=2, window=3)
+    assert not dense_cache.layers[0].fused_active()  # the model attends with sdpa
+    dense = generate(model, ids, dense_cache, max_new_tokens=steps, num_beams=beams)
+    fm = fused_model(model)
+    assert fm.config._attn_implementation == "gsrq"
+    cache = make_cache(codebooks, fm, sinks=2, window=3)
+    assert all(layer.fused_active() for layer in cache.layers)
+    before = calls()
+    out = generate(fm, ids, cache, max_new_tokens=steps, num_beams=beams)
+    # every decode step of every layer went through decode_attention (steps - 1 after the prefill)
+    assert calls() - before == (steps - 1) * 2
+    torch.testing.assert_close(out, dense, rtol=0, atol=0)
+    assert cache.layers[0].num_coded > 0
+    # and the codes matter on this path too: exact attention generates differently
+    if beams == 1:
+        assert not torch.equal(out, generate(model, ids, DynamicCache(), max_new_tokens=steps))
+
+
+def test_fused_decode_logits_match_dense(model, codebooks) -> None:
+    """One decode step: the hook's logits equal the dense path's to float rounding."""
+    ids = prompt(14, seed=41, batch=2)
+    fm = fused_model(model)
+    caches = [make_cache(codebooks, m, sinks=2, window=2) for m in (model, fm)]
+    outs = []
+    with torch.no_grad():
+        for m, c in zip((model, fm), caches):
+            m(input_ids=ids, use_cache=True, **{CACHE_KW: c})
+            outs.append(m(input_ids=ids[:, -1:], use_cache=True, **{CACHE_KW: c}).logits)
+    assert caches[1].layers[0].num_coded == 11  # 15 tokens: 2 sinks, 11 coded, 2 exact
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_modes(model, codebooks) -> None:
+    ids = prompt(8, seed=42)
+    # fused=False keeps the dense path even when the model attends with "gsrq"
+    fm = fused_model(model)
+    off = make_cache(codebooks, fm, fused=False)
+    before = calls()
+    generate(fm, ids, off, max_new_tokens=4)
+    assert calls() == before
+    # fused=True on a model that does not attend with "gsrq": the placeholder is not read -> error
+    on = make_cache(codebooks, model, fused=True)
+    with pytest.raises(ConfigError, match="attn_implementation='gsrq'"):
+        generate(model, ids, on, max_new_tokens=4)
+    with pytest.raises(ConfigError, match="fused"):
+        make_cache(codebooks, model, fused="yes")
+    checked = make_cache(codebooks, model, check_values=True).layers[1]
+    assert checked.key_quantizer.check_values is True and checked.value_quantizer.check_values is True
+
+
+def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    P = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), P, dtype=torch.long)
+    mask = torch.zeros(len(rows), P, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, P - len(r) :], mask[i, P - len(r) :] = r, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_left_padding_matches_unpadded_rows(model, codebooks, fused) -> None:
+    """A left-padded batch generates, row by row, what each row generates alone (codes, sinks, window)."""
+    rows = [prompt(n, seed=50 + n)[0] for n in (13, 10, 8)]  # 0, 3 and 5 padding tokens
+    ids, mask = left_padded(rows)
+    from gsrq.cache import track_padding
+
+    m = fused_model(model) if fused else track_padding(copy.deepcopy(model))
+    steps = 8
+    cache = make_cache(codebooks, m, sinks=2, window=2)
+    before = calls()
+    out = generate(m, ids, cache, mask=mask, max_new_tokens=steps)
+    assert (calls() - before > 0) == fused
+    layer = cache.layers[0]
+    assert layer.head_positions is not None and layer.head_positions.tolist()[2][:7] == [5, 6, 0, 1, 2, 3, 4]
+    for i, r in enumerate(rows):
+        single_cache = make_cache(codebooks, m, sinks=2, window=2)
+        single = generate(m, r[None], single_cache, max_new_tokens=steps)
+        torch.testing.assert_close(out[i, ids.shape[1] :], single[0, len(r) :], rtol=0, atol=0)
+        # the stored sinks are the row's first real tokens, as in its unpadded run
+        for got, want in zip(cache.layers, single_cache.layers):
+            torch.testing.assert_close(got.sink_keys[i], want.sink_keys[0])
+            torch.testing.assert_close(got.window_values[i], want.window_values[0])
+    # without the padding information the padded rows' sinks are padding tokens and the codes differ
+    plain = make_cache(codebooks, model, sinks=2, window=2)
+    generate(model, ids, plain, mask=mask, max_new_tokens=steps)
+    assert not torch.allclose(plain.layers[0].sink_keys[2], cache.layers[0].sink_keys[2])
+
+
+def test_left_padding_beam_search(model, codebooks) -> None:
+    from gsrq.cache import track_padding
+
+    rows = [prompt(n, seed=60 + n)[0] for n in (11, 7)]
+    ids, mask = left_padded(rows)
+    m = track_padding(fused_model(model))
+    out = generate(m, ids, make_cache(codebooks, m, sinks=2, window=1), mask=mask, num_beams=2, max_new_tokens=8)
+    for i, r in enumerate(rows):
+        single = generate(m, r[None], make_cache(codebooks, m, sinks=2, window=1), num_beams=2, max_new_tokens=8)
+        torch.testing.assert_close(out[i, ids.shape[1] :], single[0, len(r) :], rtol=0, atol=0)
+
+
+def test_padding_errors(model, codebooks) -> None:
+    cache = make_cache(codebooks, model, sinks=2, window=1)
+    with pytest.raises(InvalidValueError, match="without any token"):
+        cache.set_padding(torch.tensor([[0, 0, 0], [1, 1, 1]]))
+    with pytest.raises(ShapeError, match="batch, prompt"):
+        cache.set_padding(torch.ones(3))
+    cache.set_padding(torch.tensor([[0, 1, 1, 1]]))  # one row known, two rows come
+    with pytest.raises(ShapeError, match="padding is known for 1 rows"):
+        with torch.no_grad():
+            model(input_ids=prompt(4, batch=2), use_cache=True, **{CACHE_KW: cache})
+    cache = make_cache(codebooks, model, sinks=2, window=1)
+    cache.set_padding(torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]))
+    with torch.no_grad():
+        model(input_ids=prompt(6, batch=2), use_cache=True, **{CACHE_KW: cache})
+    with pytest.raises(ConfigError, match="before the first"):
+        cache.set_padding(None)
+    with pytest.raises(InvalidValueError, match="out of sequence order"):
+        cache.crop(2)
+    cache.crop(5)  # beyond the reordered head: fine
+    assert cache.get_seq_length() == 5

@@ -40,6 +40,13 @@ class CompressedKV:
     value_map: ``[H, hd, hd]`` or None — applied to the coded value sum.
     valid: bool ``[B, Ts + Tc + Tw]`` or None — False marks padding, in the
         order sinks, coded, window.
+    positions: int64 ``[B, Th]`` or None — the sequence position of each of
+        the first ``Th`` stored tokens when the cache stores them out of
+        sequence order (a left-padded batch keeps each row's first real tokens
+        as its sinks and moves the padding behind them); stored token
+        ``j >= Th`` is at position ``j``. None: stored in sequence order.
+        Attention itself is order-free; this maps a sequence-order mask onto
+        the stored order (:func:`gsrq_attention_forward`).
     """
 
     sink_keys: torch.Tensor
@@ -56,6 +63,7 @@ class CompressedKV:
     query_map: torch.Tensor | None = None
     value_map: torch.Tensor | None = None
     valid: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
     @property
     def num_coded(self) -> int:
@@ -136,6 +144,12 @@ def validate_decode_inputs(q: torch.Tensor, ckv: CompressedKV) -> None:
         T = ckv.num_tokens
         if ckv.valid.dtype != torch.bool or tuple(ckv.valid.shape) != (B, T):
             raise ShapeError(f"valid must be bool [{B}, {T}], got {ckv.valid.dtype} {tuple(ckv.valid.shape)}")
+    if ckv.positions is not None:
+        pos = ckv.positions
+        if pos.dim() != 2 or pos.shape[0] != B or pos.shape[1] > ckv.num_tokens or pos.dtype != torch.int64:
+            raise ShapeError(
+                f"positions must be int64 [{B}, Th <= {ckv.num_tokens}], got {pos.dtype} {tuple(pos.shape)}"
+            )
 
 
 # ---------------------------------------------------------------------------
@@ -442,12 +456,34 @@ def attach_compressed(key: torch.Tensor, ckv: CompressedKV) -> torch.Tensor:
     return key
 
 
+#: Attribute set on a key placeholder once :func:`gsrq_attention_forward` consumed its view.
+CONSUMED_ATTR = "_gsrq_consumed"
+
+
 def _valid_from_mask(mask: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
     """bool ``[B, T]`` from a transformers mask ``[B, 1, q_len, kv_len]`` (bool: True attends; float: 0 attends)."""
     if mask is None:
         return None
     row = mask[:, 0, -1, :num_tokens]
     return row if row.dtype == torch.bool else row == 0
+
+
+def stored_order_valid(valid: torch.Tensor | None, ckv: CompressedKV) -> torch.Tensor | None:
+    """A sequence-order mask ``[B, T]`` (or None) as the bool mask ``[B, T]`` of ``ckv``'s stored order.
+
+    Combines it with ``ckv.valid`` (already in stored order). No host sync.
+    """
+    if valid is not None:
+        valid = valid.to(device=ckv.sink_keys.device, dtype=torch.bool)
+        if valid.shape[0] != ckv.sink_keys.shape[0]:
+            valid = valid.expand(ckv.sink_keys.shape[0], -1)
+        if ckv.positions is not None and ckv.positions.shape[1] > 0:
+            head = valid.gather(1, ckv.positions)
+            valid = torch.cat([head, valid[:, head.shape[1] :]], dim=1)
+        if ckv.valid is not None:
+            valid = valid & ckv.valid
+        return valid.contiguous()
+    return ckv.valid
 
 
 def gsrq_attention_forward(
@@ -465,27 +501,85 @@ def gsrq_attention_forward(
 
     query ``[B, Hq, q_len, hd]``. When ``q_len == 1`` and ``key`` carries a
     :class:`CompressedKV` (:func:`attach_compressed`), returns
-    :func:`decode_attention` over it as ``[B, 1, Hq, hd]``; otherwise (prefill,
-    or a cache that attached nothing) it is transformers' SDPA attention.
+    :func:`decode_attention` over it as ``[B, 1, Hq, hd]`` (the model's mask,
+    in sequence order, becomes the view's ``valid`` in stored order);
+    otherwise (prefill, or a cache that attached nothing) it is transformers'
+    SDPA attention.
     """
     ckv = getattr(key, COMPRESSED_ATTR, None)
     if ckv is None or query.shape[2] != 1:
+        if ckv is not None:
+            from gsrq.errors import ShapeError
+
+            raise ShapeError(f"a compressed view serves one query token, got {query.shape[2]}")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
+    setattr(key, CONSUMED_ATTR, True)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    valid = _valid_from_mask(attention_mask, ckv.num_tokens)
-    if valid is not None:
+    valid = stored_order_valid(_valid_from_mask(attention_mask, ckv.num_tokens), ckv)
+    if valid is not ckv.valid:
         ckv = dataclasses.replace(ckv, valid=valid)
     out = decode_attention(query[:, :, 0], ckv, scale)
     return out.unsqueeze(1), None
 
 
+def is_gsrq_attention(name: object) -> bool:
+    """Whether transformers' attention registry maps ``name`` to :func:`gsrq_attention_forward`."""
+    if not isinstance(name, str):
+        return False
+    try:
+        from transformers import AttentionInterface
+
+        return AttentionInterface._global_mapping.get(name) is gsrq_attention_forward
+    except (ImportError, AttributeError):
+        return False
+
+
 def register_transformers_attention(name: str = "gsrq") -> str:
-    """Register :func:`gsrq_attention_forward` in transformers' attention registry; returns ``name``."""
+    """Register :func:`gsrq_attention_forward` in transformers' attention registry; returns ``name``.
+
+    Also registers SDPA's mask builder under ``name`` (models build their masks
+    through ``ALL_MASK_ATTENTION_FUNCTIONS[attn_implementation]``). After this,
+    ``from_pretrained(..., attn_implementation=name)``,
+    ``model.set_attn_implementation(name)`` and ``LlamaConfig(attn_implementation=name)``
+    all work.
+    """
     from transformers import AttentionInterface
 
     AttentionInterface.register(name, gsrq_attention_forward)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # older 5.x: masks are built per implementation elsewhere
+        return name
+    AttentionMaskInterface.register(name, sdpa_mask)
     return name
+
+
+def enable_fused_attention(model: torch.nn.Module, name: str = "gsrq") -> torch.nn.Module:
+    """Let ``model`` attend through GSRQ's fused decode attention; returns ``model``.
+
+    Registers ``name`` (:func:`register_transformers_attention`), switches the
+    model to it (``model.set_attn_implementation(name)``, or its config's
+    ``_attn_implementation``), and installs :func:`gsrq.cache.track_padding`,
+    so a :class:`gsrq.GSRQCache` learns a left-padded prompt's padding from
+    the attention mask of its first forward call. With a GSRQCache whose
+    ``fused`` is ``"auto"`` (the default) or True, decode steps then run
+    :func:`decode_attention` over the packed codes (fused CUDA kernels on a
+    GPU, the torch reference on the CPU); prefill, and every call without a
+    GSRQCache, is SDPA attention.
+    """
+    from gsrq.cache import track_padding
+
+    register_transformers_attention(name)
+    setter = getattr(model, "set_attn_implementation", None)
+    try:
+        if not callable(setter):
+            raise AttributeError("set_attn_implementation")
+        setter(name)
+    except (AttributeError, TypeError, ValueError):  # older 5.x: the config attribute is what attention reads
+        model.config._attn_implementation = name
+    track_padding(model)
+    return model

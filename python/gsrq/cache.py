@@ -16,11 +16,24 @@ at position ``p >= sinks`` is thus attended exactly by the calls that bring the
 sequence to a length ``L <= p + window + 1`` and through its reconstruction
 afterwards.
 
-On the CPU the model's own attention consumes the dense reconstruction. Fused
-decode attention takes the compressed form instead: :meth:`GSRQLayer.append`
+By default the model's own attention consumes that dense reconstruction.
+Fused decode attention takes the compressed form instead: :meth:`GSRQLayer.append`
 stores the new tokens like ``update`` and returns the
 :class:`~gsrq.attention.CompressedKV` of exactly what ``update`` would have
-returned; :meth:`GSRQLayer.compressed_view` shows what is stored.
+returned; :meth:`GSRQLayer.compressed_view` shows what is stored. When the
+model attends with ``attn_implementation="gsrq"`` (``fused="auto"``, the
+default) or ``fused=True``, a single-token ``update`` (a decode step) returns
+placeholders carrying that view (:func:`gsrq.attention.attach_compressed`)
+and :func:`gsrq.attention.gsrq_attention_forward` runs the fused kernels (the
+torch reference on the CPU) over the packed codes; prefill stays exact.
+
+Left padding: :meth:`GSRQCache.set_padding` (called by the forward pre-hook of
+:func:`track_padding` / :func:`gsrq.attention.enable_fused_attention` from the
+prompt's attention mask) tells the cache how many padding tokens open each
+row. The first update then stores each row's first ``sinks`` real tokens as
+its exact sinks and moves the padding behind them (the view's ``positions``
+maps the stored order back to sequence order), so a padded row is stored as
+its unpadded run would be, plus masked padding tokens among the coded ones.
 
 Works with the layered cache API of transformers 5.x (``Cache`` /
 ``CacheLayerMixin``): greedy, sampling and beam search (``reorder_cache``),
@@ -36,12 +49,23 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from gsrq.attention import CompressedKV
+from gsrq.attention import (
+    CONSUMED_ATTR,
+    CompressedKV,
+    attach_compressed,
+    is_gsrq_attention,
+    register_transformers_attention,
+)
 from gsrq.config import GSRQConfig
-from gsrq.errors import ConfigError, ModelMismatchError, ShapeError
+from gsrq.errors import ConfigError, InvalidValueError, ModelMismatchError, ShapeError
 from gsrq.quantizer import KVQuantizer
 
-__all__ = ["GSRQCache", "GSRQLayer", "generate_cache_kwarg", "model_shapes"]
+__all__ = ["GSRQCache", "GSRQLayer", "FUSED_MODES", "generate_cache_kwarg", "model_shapes", "track_padding"]
+
+#: Values of ``GSRQCache(fused=...)``.
+FUSED_MODES = (True, False, "auto")
+
+register_transformers_attention()  # so attn_implementation="gsrq" is known once gsrq.cache is imported
 
 
 def generate_cache_kwarg() -> str:
@@ -93,11 +117,24 @@ def _own(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+def _to_sequence_order(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Stored order -> sequence order of ``x`` ``[B, Hkv, T, hd]``; ``positions`` int64 ``[B, Th]`` (slot -> position)."""
+    B, Hkv, _, hd = x.shape
+    th = positions.shape[1]
+    slots = positions.argsort(dim=1)  # position -> slot (a permutation of 0..Th-1 per row)
+    idx = slots[:, None, :, None].expand(B, Hkv, th, hd)
+    return torch.cat([x.gather(2, idx), x[:, :, th:]], dim=2)
+
+
 class GSRQLayer(CacheLayerMixin):
     """One decoder layer's GSRQ cache.
 
     key_quantizer / value_quantizer: the layer's :class:`KVQuantizer` for keys and values.
     sinks: first tokens kept exact. window: most recent tokens kept exact.
+    fused: decode steps (single-token updates) return placeholder keys/values
+        carrying the compressed view for ``attn_implementation="gsrq"``:
+        True always, False never, ``"auto"`` when ``attn_config`` (the model's
+        text config, set by :class:`GSRQCache`) names the gsrq attention.
 
     Held tensors (``B`` batch, ``Hkv`` KV heads, ``hd`` head_dim; model dtype for exact ones):
     ``sink_keys``/``sink_values`` ``[B, Hkv, Ts, hd]``, ``key_codes``/``value_codes``
@@ -108,8 +145,19 @@ class GSRQLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, key_quantizer: KVQuantizer, value_quantizer: KVQuantizer, *, sinks: int, window: int) -> None:
+    def __init__(
+        self,
+        key_quantizer: KVQuantizer,
+        value_quantizer: KVQuantizer,
+        *,
+        sinks: int,
+        window: int,
+        fused: bool | str = "auto",
+        attn_config: Any = None,
+    ) -> None:
         super().__init__()
+        if not any(fused is m or (isinstance(m, str) and fused == m) for m in FUSED_MODES):
+            raise ConfigError(f"fused must be True, False or 'auto', got {fused!r}")
         for name, q in (("key_quantizer", key_quantizer), ("value_quantizer", value_quantizer)):
             if not isinstance(q, KVQuantizer):
                 raise ConfigError(f"{name} must be a KVQuantizer, got {type(q).__name__}")
@@ -126,9 +174,16 @@ class GSRQLayer(CacheLayerMixin):
         self.value_quantizer = value_quantizer
         self.sinks = sinks
         self.window = window
+        self.fused = fused
+        self.attn_config = attn_config
         self._clear()
 
     def _clear(self) -> None:
+        # left padding: per-row pad counts waiting for the first update, and afterwards the
+        # stored order of the first Th tokens (positions: slot -> sequence position, int64 [B, Th])
+        self.pending_pads: list[int] | None = None
+        self.head_positions: torch.Tensor | None = None
+        self._last_placeholder: torch.Tensor | None = None
         self.keys = self.values = None
         self.sink_keys = self.sink_values = None
         self.key_codes = self.value_codes = None
@@ -190,6 +245,7 @@ class GSRQLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         key_states = key_states.to(self.dtype)
         value_states = value_states.to(self.dtype)
+        first = self.get_seq_length() == 0
         view = CompressedKV(
             sink_keys=self.sink_keys,
             sink_values=self.sink_values,
@@ -204,9 +260,68 @@ class GSRQLayer(CacheLayerMixin):
             key_norms=self.key_norms,
             query_map=self.key_quantizer.query_map,
             value_map=None,
+            positions=self.head_positions,
         )
+        if first and self.pending_pads is not None:
+            self._begin_padding(key_states.shape[2])
+            key_states, value_states = self._to_stored_order(key_states), self._to_stored_order(value_states)
         self._store(key_states, value_states)
         return view
+
+    # ----------------------------------------------------------- left padding
+    def set_padding(self, pads: Sequence[int] | None) -> None:
+        """Padding tokens opening each row of the coming prompt (``[B]`` ints), before the first update.
+
+        None or all zeros: no padding. The first update then keeps each row's
+        first ``sinks`` real tokens as its sinks (see :class:`GSRQCache`).
+        """
+        if self.get_seq_length() > 0:
+            raise ConfigError("set_padding must come before the first update (the cache already holds tokens)")
+        if pads is None:
+            self.pending_pads = None
+            return
+        pads = [int(p) for p in pads]
+        if any(p < 0 for p in pads):
+            raise InvalidValueError(f"pad counts must be non-negative, got {pads}")
+        self.pending_pads = pads if any(pads) else None
+
+    def _begin_padding(self, prompt: int) -> None:
+        """Build ``head_positions`` for a first update of ``prompt`` tokens from ``pending_pads``."""
+        pads, self.pending_pads = self.pending_pads, None
+        B = self.sink_keys.shape[0]
+        if len(pads) != B:
+            raise ShapeError(f"padding is known for {len(pads)} rows, the first update has {B}")
+        rows = []
+        for b, p in enumerate(pads):
+            if p >= prompt:
+                raise ShapeError(f"row {b} has {p} padding tokens, the first update only {prompt} tokens")
+            k = min(self.sinks, prompt - p)  # real tokens that become this row's sinks
+            rows.append(list(range(p, p + k)) + list(range(p)))
+        th = max(len(r) for r in rows)
+        rows = [r + list(range(len(r), th)) for r in rows]
+        if all(r == list(range(th)) for r in rows):
+            return  # no sinks to move (sinks=0)
+        self.head_positions = torch.tensor(rows, dtype=torch.int64).to(self.device)
+
+    def _to_stored_order(self, x: torch.Tensor) -> torch.Tensor:
+        """Sequence order -> stored order of a first update ``x`` ``[B, Hkv, P, hd]``."""
+        if self.head_positions is None:
+            return x
+        B, Hkv, _, hd = x.shape
+        th = self.head_positions.shape[1]
+        idx = self.head_positions[:, None, :, None].expand(B, Hkv, th, hd)
+        return torch.cat([x.gather(2, idx), x[:, :, th:]], dim=2)
+
+    def _placeholder(self, like: torch.Tensor, tokens: int) -> torch.Tensor:
+        """A zero-memory NaN ``[B, Hkv, tokens, hd]`` stand-in (any attention but gsrq's yields NaN)."""
+        B, Hkv, _, hd = like.shape
+        return like.new_full((1, 1, 1, 1), float("nan")).expand(B, Hkv, tokens, hd)
+
+    def fused_active(self) -> bool:
+        """Whether single-token updates hand the compressed view to the attention (see ``fused``)."""
+        if self.fused is True or self.fused is False:
+            return self.fused
+        return self.attn_config is not None and is_gsrq_attention(getattr(self.attn_config, "_attn_implementation", None))
 
     def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         tail_k = _cat(self.window_keys, key_states)
@@ -241,7 +356,10 @@ class GSRQLayer(CacheLayerMixin):
         parts_v.append(view.window_values)
         parts_k = [p for p in parts_k if p.shape[2] > 0] or [view.window_keys]
         parts_v = [p for p in parts_v if p.shape[2] > 0] or [view.window_values]
-        return torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
+        keys, values = torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
+        if view.positions is not None and view.positions.shape[1] > 0:
+            keys, values = _to_sequence_order(keys, view.positions), _to_sequence_order(values, view.positions)
+        return keys, values
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -249,9 +367,25 @@ class GSRQLayer(CacheLayerMixin):
         """Store ``[B, Hkv, n, hd]`` new keys/values; return the full ``[B, Hkv, T, hd]`` keys/values to attend to.
 
         The returned tensors are sinks + reconstruction of the coded tokens +
-        exact window + the new tokens (exact), in the model dtype.
+        exact window + the new tokens (exact), in the model dtype, in sequence
+        order. On a decode step (``n == 1``) with :meth:`fused_active`, they are
+        instead zero-memory placeholders of that shape whose keys carry the
+        :class:`CompressedKV` (for ``attn_implementation="gsrq"``).
         """
-        return self.reconstruct(self.append(key_states, value_states))
+        if self._last_placeholder is not None and not getattr(self._last_placeholder, CONSUMED_ATTR, False):
+            self._last_placeholder = None
+            raise ConfigError(
+                "GSRQCache(fused=True) returned a compressed view that the model's attention did not read: "
+                "the model must attend with attn_implementation='gsrq' (gsrq.enable_fused_attention(model)), "
+                "or build the cache with fused='auto' or False"
+            )
+        view = self.append(key_states, value_states)
+        if key_states.shape[2] == 1 and self.fused_active():
+            T = view.num_tokens
+            key = attach_compressed(self._placeholder(view.window_keys, T), view)
+            self._last_placeholder = key
+            return key, self._placeholder(view.window_values, T)
+        return self.reconstruct(view)
 
     def compressed_view(self, valid: torch.Tensor | None = None) -> CompressedKV:
         """The stored state as a :class:`CompressedKV` (``valid``: optional bool ``[B, T]`` padding mask)."""
@@ -272,6 +406,7 @@ class GSRQLayer(CacheLayerMixin):
             query_map=self.key_quantizer.query_map,
             value_map=None,
             valid=valid,
+            positions=self.head_positions,
         )
 
     def get_mask_sizes(self, query_length: Any) -> tuple[int, int]:
@@ -319,7 +454,7 @@ class GSRQLayer(CacheLayerMixin):
     def _map(self, fn: Any) -> None:
         if not self.is_initialized:
             return
-        for name in self._STATE:
+        for name in self._STATE + ("head_positions",):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, _own(fn(t)))
@@ -346,6 +481,14 @@ class GSRQLayer(CacheLayerMixin):
         length = self.get_seq_length()
         keep = length + n if n < 0 else (length if n == 0 else min(n, length))
         keep = max(keep, 0)
+        if self.head_positions is not None:
+            if keep == 0:
+                self.head_positions = None
+            elif keep < self.head_positions.shape[1]:
+                raise InvalidValueError(
+                    f"cannot crop a left-padded cache to {keep} tokens: its first "
+                    f"{self.head_positions.shape[1]} are stored out of sequence order"
+                )
         ts, tc = self.sink_keys.shape[2], self.key_codes.shape[2]
         self.sink_keys, self.sink_values = self.sink_keys[:, :, :keep], self.sink_values[:, :, :keep]
         kc = max(0, min(tc, keep - ts))
@@ -400,6 +543,18 @@ class GSRQCache(Cache):
     :meth:`from_codebooks` (a :class:`gsrq.Codebooks` and the model config),
     or directly from per-layer quantizers.
     ``sinks``/``window`` default to the codebooks' config, kept as ``gsrq_config``.
+
+    fused: how decode steps attend (see :class:`GSRQLayer`). ``"auto"``: through
+    the fused decode attention when ``model_config`` (the model's config, read
+    at every step) says ``attn_implementation="gsrq"``
+    (:func:`gsrq.attention.enable_fused_attention`), else through the dense
+    reconstruction. True: always (the model must attend with "gsrq"; if its
+    attention ignores the compressed view the next update raises ConfigError).
+    False: never. On CUDA the fused path runs the kernels; on the CPU the
+    torch reference of the same algorithm.
+
+    Left padding: call :meth:`set_padding` with the prompt's attention mask
+    before the first forward, or let :func:`track_padding` do it.
     """
 
     def __init__(
@@ -410,16 +565,50 @@ class GSRQCache(Cache):
         sinks: int = 4,
         window: int = 0,
         config: GSRQConfig | None = None,
+        fused: bool | str = "auto",
+        model_config: Any = None,
     ) -> None:
         if len(key_quantizers) != len(value_quantizers) or not key_quantizers:
             raise ConfigError(
                 f"need one key and one value quantizer per layer, got {len(key_quantizers)} and {len(value_quantizers)}"
             )
-        layers = [GSRQLayer(k, v, sinks=sinks, window=window) for k, v in zip(key_quantizers, value_quantizers)]
+        attn_config = model_config
+        if attn_config is not None and hasattr(attn_config, "get_text_config"):
+            attn_config = attn_config.get_text_config(decoder=True)
+        layers = [
+            GSRQLayer(k, v, sinks=sinks, window=window, fused=fused, attn_config=attn_config)
+            for k, v in zip(key_quantizers, value_quantizers)
+        ]
         super().__init__(layers=layers)
         self.sinks = sinks
         self.window = window
+        self.fused = fused
         self.gsrq_config = config
+
+    def set_padding(self, attention_mask: torch.Tensor | None) -> None:
+        """Learn each row's left padding from the prompt's attention mask, before the first forward.
+
+        attention_mask: ``[B, P]`` (0 = padding, 1 = token; any int/bool/float
+        dtype) of the batch whose first forward comes next (with beams: the
+        expanded batch, as ``generate`` passes it). Row ``b`` opens with
+        ``pads[b]`` = the number of leading zeros; its first ``sinks`` real
+        tokens become its sinks. None: no padding. Reads the mask on the host
+        once (one device sync when it lives on a GPU).
+        """
+        if self.get_seq_length() > 0:
+            raise ConfigError("set_padding must come before the first forward (the cache already holds tokens)")
+        pads = None
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+                raise ShapeError(
+                    f"attention_mask must be a [batch, prompt] tensor, got {getattr(attention_mask, 'shape', type(attention_mask))}"
+                )
+            m = attention_mask.detach().to("cpu") != 0
+            if m.shape[1] == 0 or not bool(m.any(dim=1).all()):
+                raise InvalidValueError("attention_mask has a row without any token (all padding)")
+            pads = (m.long().cumsum(dim=1) == 0).sum(dim=1).tolist()
+        for layer in self.layers:
+            layer.set_padding(pads)
 
     @classmethod
     def from_codebooks(
@@ -432,12 +621,15 @@ class GSRQCache(Cache):
         window: int | None = None,
         engine: str = "auto",
         threads: int | None = None,
+        fused: bool | str = "auto",
+        check_values: bool | None = None,
     ) -> "GSRQCache":
         """A cache from a :class:`gsrq.Codebooks` object checked against ``model_config``.
 
         Raises :class:`gsrq.ModelMismatchError` (naming the field) when the
         codebooks were made for another model. ``device`` None: the device of
-        the first keys seen.
+        the first keys seen. ``model_config`` is kept for ``fused="auto"``.
+        ``engine``, ``threads``, ``check_values``: see :class:`KVQuantizer`.
         """
         shapes = model_shapes(model_config)
         for field in ("num_layers", "num_kv_heads", "head_dim"):
@@ -450,11 +642,15 @@ class GSRQCache(Cache):
         cfg: GSRQConfig = codebooks.config
         cfg.validate_for(shapes["head_dim"], shapes["num_kv_heads"])
         kq = [
-            KVQuantizer.from_codebooks(codebooks, layer, "keys", device, engine=engine, threads=threads)
+            KVQuantizer.from_codebooks(
+                codebooks, layer, "keys", device, engine=engine, threads=threads, check_values=check_values
+            )
             for layer in range(shapes["num_layers"])
         ]
         vq = [
-            KVQuantizer.from_codebooks(codebooks, layer, "values", device, engine=engine, threads=threads)
+            KVQuantizer.from_codebooks(
+                codebooks, layer, "values", device, engine=engine, threads=threads, check_values=check_values
+            )
             for layer in range(shapes["num_layers"])
         ]
         return cls(
@@ -463,6 +659,8 @@ class GSRQCache(Cache):
             sinks=cfg.sinks if sinks is None else sinks,
             window=cfg.window if window is None else window,
             config=cfg,
+            fused=fused,
+            model_config=model_config,
         )
 
     @classmethod
@@ -475,6 +673,8 @@ class GSRQCache(Cache):
         window: int | None = None,
         engine: str = "auto",
         threads: int | None = None,
+        fused: bool | str = "auto",
+        check_values: bool | None = None,
     ) -> "GSRQCache":
         """A cache from a codebook file (see docs/format.md) for ``model`` (a transformers model), on its device."""
         from gsrq.codebooks import Codebooks
@@ -486,7 +686,8 @@ class GSRQCache(Cache):
         except (AttributeError, StopIteration):
             pass
         return cls.from_codebooks(
-            cbs, model.config, device, sinks=sinks, window=window, engine=engine, threads=threads
+            cbs, model.config, device, sinks=sinks, window=window, engine=engine, threads=threads, fused=fused,
+            check_values=check_values,
         )
 
     # ------------------------------------------------------------- accounting
@@ -520,3 +721,27 @@ class GSRQCache(Cache):
         """Held bits over cached key/value elements (0.0 while empty)."""
         n = self.num_elements()
         return 8 * self.memory_bytes(include_codebooks) / n if n else 0.0
+
+
+_HOOK_ATTR = "_gsrq_padding_hook"
+
+
+def _padding_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    cache = kwargs.get("past_key_values")
+    if cache is None:
+        cache = kwargs.get("cache")
+    mask = kwargs.get("attention_mask")
+    if isinstance(cache, GSRQCache) and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        if cache.get_seq_length() == 0:
+            cache.set_padding(mask)
+
+
+def track_padding(model: torch.nn.Module) -> torch.nn.Module:
+    """Install (once) a forward pre-hook: a GSRQCache's first forward passes its attention mask to :meth:`GSRQCache.set_padding`.
+
+    ``model.generate`` with a left-padded batch then keeps each row's first
+    real tokens as its sinks. Returns ``model``.
+    """
+    if getattr(model, _HOOK_ATTR, None) is None:
+        setattr(model, _HOOK_ATTR, model.register_forward_pre_hook(_padding_pre_hook, with_kwargs=True))
+    return model
