@@ -18,6 +18,10 @@
 //    instead of an online rescale keep the histogram exact (rescaling
 //    C*M*Kc bins on every new maximum would cost more than re-reading the codes).
 //    Writes m [B, Hq, S], l [B, Hq, S], hist [B, Hq, S, Cv*Mv*Kcv].
+//    Code rows and key norms may be views into larger buffers (a cache's
+//    capacity buffers [B, Hkv, capacity, R]): row (b, g, t) of key codes starts at
+//    kcodes + b * k_stride_b + g * k_stride_h + t * Rk (byte strides), likewise
+//    vcodes; its norm is key_norms[b * n_stride_b + g * n_stride_h + t] (element strides).
 // 3. gsrq_decode_attention_merge_{f16,bf16,f32}: grid (Hq, B), 128 threads.
 //    Scores the exact sink and window tokens, then merges them with the S
 //    split partials by log-sum-exp:
@@ -101,7 +105,8 @@ extern "C" __global__ void __launch_bounds__(kSplitThreads) gsrq_decode_attentio
     const void* __restrict__ key_norms, int norm_kind, const uint8_t* __restrict__ valid, int valid_offset,
     int valid_len, float* __restrict__ m_out, float* __restrict__ l_out, float* __restrict__ hist_out, int Tc,
     int tokens_per_split, int S, int Hkv, int G, int GB, int CMk, int Kck, int bits_k, int Rk, int words_k, int CMv,
-    int Kcv, int bits_v, int Rv, int words_v) {
+    int Kcv, int bits_v, int Rv, int words_v, long long k_stride_b, long long k_stride_h, long long v_stride_b,
+    long long v_stride_h, long long n_stride_b, long long n_stride_h) {
     extern __shared__ __align__(16) float smem[];
     const int CMKk = CMk * Kck;
     const int CMKv = CMv * Kcv;
@@ -119,7 +124,9 @@ extern "C" __global__ void __launch_bounds__(kSplitThreads) gsrq_decode_attentio
     const int tid = threadIdx.x;
     const int t0 = s_idx * tokens_per_split;
     const int t1 = min(Tc, t0 + tokens_per_split);
-    const long long bg = static_cast<long long>(b) * Hkv + g;
+    const uint8_t* kbase = kcodes + b * k_stride_b + g * k_stride_h;
+    const uint8_t* vbase = vcodes + b * v_stride_b + g * v_stride_h;
+    const long long nbase = b * n_stride_b + g * n_stride_h;
 
     const float* lut_src = lut + (static_cast<long long>(b) * Hq + qh0) * CMKk;
     for (int i = tid; i < GB * CMKk; i += blockDim.x) lut_s[i] = lut_src[i];
@@ -132,9 +139,9 @@ extern "C" __global__ void __launch_bounds__(kSplitThreads) gsrq_decode_attentio
     for (int gq = 0; gq < kMaxGB; ++gq) mx[gq] = -INFINITY;
     for (int t = t0 + tid; t < t1; t += blockDim.x) {
         if (valid != nullptr && !valid[static_cast<long long>(b) * valid_len + valid_offset + t]) continue;
-        const float norm = key_norms != nullptr ? gsrq::load_as_float(key_norms, bg * Tc + t, norm_kind) : 1.f;
+        const float norm = key_norms != nullptr ? gsrq::load_as_float(key_norms, nbase + t, norm_kind) : 1.f;
         float sc[kMaxGB];
-        coded_scores(kcodes + (bg * Tc + t) * Rk, lut_s, CMk, Kck, bits_k, Rk, words_k != 0, GB, norm, sc);
+        coded_scores(kbase + static_cast<long long>(t) * Rk, lut_s, CMk, Kck, bits_k, Rk, words_k != 0, GB, norm, sc);
 #pragma unroll
         for (int gq = 0; gq < kMaxGB; ++gq) mx[gq] = fmaxf(mx[gq], sc[gq]);
     }
@@ -155,15 +162,15 @@ extern "C" __global__ void __launch_bounds__(kSplitThreads) gsrq_decode_attentio
     for (int gq = 0; gq < kMaxGB; ++gq) ls[gq] = 0.f;
     for (int t = t0 + tid; t < t1; t += blockDim.x) {
         if (valid != nullptr && !valid[static_cast<long long>(b) * valid_len + valid_offset + t]) continue;
-        const float norm = key_norms != nullptr ? gsrq::load_as_float(key_norms, bg * Tc + t, norm_kind) : 1.f;
+        const float norm = key_norms != nullptr ? gsrq::load_as_float(key_norms, nbase + t, norm_kind) : 1.f;
         float p[kMaxGB];
-        coded_scores(kcodes + (bg * Tc + t) * Rk, lut_s, CMk, Kck, bits_k, Rk, words_k != 0, GB, norm, p);
+        coded_scores(kbase + static_cast<long long>(t) * Rk, lut_s, CMk, Kck, bits_k, Rk, words_k != 0, GB, norm, p);
 #pragma unroll
         for (int gq = 0; gq < kMaxGB; ++gq) {
             p[gq] = gq < GB ? expf(p[gq] - mx[gq]) : 0.f;
             ls[gq] += p[gq];
         }
-        const uint8_t* vrow = vcodes + (bg * Tc + t) * Rv;
+        const uint8_t* vrow = vbase + static_cast<long long>(t) * Rv;
         for_each_code(vrow, CMv, bits_v, Rv, words_v != 0, [&](int j, uint32_t code) {
             const int base = j * Kcv + min(static_cast<int>(code), Kcv - 1);
 #pragma unroll

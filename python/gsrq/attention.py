@@ -323,7 +323,28 @@ def _device_limits(idx: int) -> tuple[int, int]:
 
 def _word_reads(codes: torch.Tensor, bits: int) -> bool:
     """Whether the split kernel may read these packed rows as aligned 32-bit words."""
-    return bits == 8 and codes.shape[3] % 4 == 0 and codes.data_ptr() % 4 == 0
+    return (
+        bits == 8
+        and codes.shape[3] % 4 == 0
+        and codes.data_ptr() % 4 == 0
+        and codes.stride(0) % 4 == 0
+        and codes.stride(1) % 4 == 0
+    )
+
+
+def _rows_view(codes: torch.Tensor) -> torch.Tensor:
+    """``codes`` uint8 ``[B, Hkv, Tc, R]`` as the split kernel reads it: rows of R contiguous bytes, one after
+    another along the token axis; batch and head axes may have any stride (a view into a capacity buffer
+    ``[B, Hkv, capacity, R]`` passes as is). Other layouts are copied."""
+    R = codes.shape[3]
+    if codes.stride(3) == 1 and (codes.shape[2] <= 1 or codes.stride(2) == R):
+        return codes
+    return codes.contiguous()
+
+
+def _norms_view(norms: torch.Tensor) -> torch.Tensor:
+    """Key norms ``[B, Hkv, Tc]`` with a unit token stride (batch/head strides free); others are copied."""
+    return norms if norms.shape[2] <= 1 or norms.stride(2) == 1 else norms.contiguous()
 
 
 def _decode_attention_cuda(q: torch.Tensor, ckv: CompressedKV, scale: float) -> torch.Tensor | str:
@@ -351,9 +372,10 @@ def _decode_attention_cuda(q: torch.Tensor, ckv: CompressedKV, scale: float) -> 
     f32 = torch.float32
     if S > 0:
         lut = reference.decode_lut(q, ckv, scale).contiguous()
-        kcodes = ckv.key_codes.contiguous()
-        vcodes = ckv.value_codes.contiguous()
-        norms = ckv.key_norms.contiguous() if ckv.key_norms is not None else None
+        # views into a cache's capacity buffers are read in place (batch/head strides passed below)
+        kcodes = _rows_view(ckv.key_codes)
+        vcodes = _rows_view(ckv.value_codes)
+        norms = _norms_view(ckv.key_norms) if ckv.key_norms is not None else None
         m_part = torch.empty(B, Hq, S, dtype=f32, device=dev)
         l_part = torch.empty(B, Hq, S, dtype=f32, device=dev)
         hist = torch.empty(B, Hq, S, cmk_v, dtype=f32, device=dev)
@@ -390,6 +412,12 @@ def _decode_attention_cuda(q: torch.Tensor, ckv: CompressedKV, scale: float) -> 
             np.int32(ckv.value_bits),
             np.int32(vcodes.shape[3]),
             np.int32(_word_reads(vcodes, ckv.value_bits)),
+            np.int64(kcodes.stride(0)),
+            np.int64(kcodes.stride(1)),
+            np.int64(vcodes.stride(0)),
+            np.int64(vcodes.stride(1)),
+            np.int64(norms.stride(0) if norms is not None else 0),
+            np.int64(norms.stride(1) if norms is not None else 0),
         )
     else:
         m_part = l_part = hist = None

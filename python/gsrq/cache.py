@@ -117,6 +117,30 @@ def _own(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+#: Smallest capacity step (tokens) of the coded-row buffers; growth is geometric above it.
+MIN_CODE_CHUNK = 256
+#: Capacity growth factor of the coded-row buffers.
+GROWTH = 1.5
+#: Extra slots of the exact-window buffer beyond ``window`` (at least ``window``): the
+#: window's tokens move to its front once every ``capacity - window`` appended tokens.
+MIN_WINDOW_SLACK = 16
+
+
+def _grown(capacity: int, need: int) -> int:
+    """Capacity (tokens) after growing ``capacity`` to hold ``need``: ×GROWTH, at least MIN_CODE_CHUNK more."""
+    return max(need, int(capacity * GROWTH), capacity + MIN_CODE_CHUNK)
+
+
+def _with_capacity(t: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
+    """A new buffer like ``t`` (token axis 2) of ``capacity`` tokens holding ``t[:, :, :used]`` at its front."""
+    shape = list(t.shape)
+    shape[2] = capacity
+    out = torch.empty(shape, dtype=t.dtype, device=t.device)
+    if used:
+        out[:, :, :used] = t[:, :, :used]
+    return out
+
+
 def _to_sequence_order(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Stored order -> sequence order of ``x`` ``[B, Hkv, T, hd]``; ``positions`` int64 ``[B, Th]`` (slot -> position)."""
     B, Hkv, _, hd = x.shape
@@ -140,6 +164,22 @@ class GSRQLayer(CacheLayerMixin):
     ``sink_keys``/``sink_values`` ``[B, Hkv, Ts, hd]``, ``key_codes``/``value_codes``
     uint8 ``[B, Hkv, Tc, R]``, ``key_norms`` float16 ``[B, Hkv, Tc]`` or None,
     ``window_keys``/``window_values`` ``[B, Hkv, Tw, hd]``.
+
+    Storage: the coded rows and key norms live in capacity buffers
+    (``[B, Hkv, capacity, R]`` / ``[B, Hkv, capacity]``) that grow
+    geometrically (×``GROWTH``, at least ``MIN_CODE_CHUNK`` tokens a time), so
+    a decode step writes its new row in place and the reallocations of a
+    generation are amortised (counted in ``reallocations``). The exact window
+    lives in a buffer of ``window + max(window, MIN_WINDOW_SLACK)`` slots used
+    as a sliding run ``[w0, w1)``: new tokens are written at ``w1``, tokens
+    leaving the window advance ``w0`` and are encoded straight from the buffer,
+    and the run moves to the front only when it reaches the end (≤ ``window``
+    tokens copied every ``capacity - window`` steps). ``key_codes`` etc. are
+    views ``[:, :, :Tc]`` / ``[:, :, w0:w1]`` of these buffers, valid until the
+    next update, crop or batch operation (views handed out earlier keep their
+    contents across later appends, except window slots reused after a move to
+    the front). :meth:`memory_report` counts the bytes in use and the bytes
+    reserved; :meth:`shrink_to_fit` releases the spare capacity.
     """
 
     is_sliding = False
@@ -186,10 +226,105 @@ class GSRQLayer(CacheLayerMixin):
         self._last_placeholder: torch.Tensor | None = None
         self.keys = self.values = None
         self.sink_keys = self.sink_values = None
-        self.key_codes = self.value_codes = None
-        self.key_norms = None
-        self.window_keys = self.window_values = None
+        # capacity buffers (see the class docstring) and their fill
+        self._kc_buf = self._vc_buf = self._kn_buf = None
+        self._wk_buf = self._wv_buf = None
+        self._tc = 0
+        self._w0 = self._w1 = 0
+        #: buffer reallocations so far (coded rows, norms, window), for diagnostics and tests
+        self.reallocations = 0
         self.is_initialized = False
+
+    # ------------------------------------------------------------ stored views
+    @property
+    def key_codes(self) -> torch.Tensor | None:
+        """uint8 ``[B, Hkv, Tc, R]``: a view of the key-code buffer."""
+        return None if self._kc_buf is None else self._kc_buf[:, :, : self._tc]
+
+    @property
+    def value_codes(self) -> torch.Tensor | None:
+        """uint8 ``[B, Hkv, Tc, R]``: a view of the value-code buffer."""
+        return None if self._vc_buf is None else self._vc_buf[:, :, : self._tc]
+
+    @property
+    def key_norms(self) -> torch.Tensor | None:
+        """float16 ``[B, Hkv, Tc]`` (a view of the norm buffer), or None without the norm lever."""
+        return None if self._kn_buf is None else self._kn_buf[:, :, : self._tc]
+
+    @property
+    def window_keys(self) -> torch.Tensor | None:
+        """``[B, Hkv, Tw, hd]``: a view of the window buffer."""
+        return None if self._wk_buf is None else self._wk_buf[:, :, self._w0 : self._w1]
+
+    @property
+    def window_values(self) -> torch.Tensor | None:
+        """``[B, Hkv, Tw, hd]``: a view of the window buffer."""
+        return None if self._wv_buf is None else self._wv_buf[:, :, self._w0 : self._w1]
+
+    @property
+    def code_capacity(self) -> int:
+        """Coded tokens the buffers hold without reallocating."""
+        return 0 if self._kc_buf is None else int(self._kc_buf.shape[2])
+
+    @property
+    def window_capacity(self) -> int:
+        """Slots of the exact-window buffer."""
+        return 0 if self._wk_buf is None else int(self._wk_buf.shape[2])
+
+    def _window_slots(self) -> int:
+        return self.window + max(self.window, MIN_WINDOW_SLACK)
+
+    def _reserve_codes(self, need: int) -> None:
+        """Make the code (and norm) buffers hold ``need`` tokens, growing geometrically."""
+        cap = self.code_capacity
+        if need <= cap:
+            return
+        new = _grown(cap, need)
+        self._kc_buf = _with_capacity(self._kc_buf, self._tc, new)
+        self._vc_buf = _with_capacity(self._vc_buf, self._tc, new)
+        if self._kn_buf is not None:
+            self._kn_buf = _with_capacity(self._kn_buf.unsqueeze(-1), self._tc, new).squeeze(-1)
+        self.reallocations += 1
+
+    def _push_codes(self, packed_k: torch.Tensor, packed_v: torch.Tensor, norms: torch.Tensor | None) -> None:
+        n = packed_k.shape[2]
+        if n == 0:
+            return
+        self._reserve_codes(self._tc + n)
+        t0, t1 = self._tc, self._tc + n
+        self._kc_buf[:, :, t0:t1] = packed_k
+        self._vc_buf[:, :, t0:t1] = packed_v
+        if self._kn_buf is not None:
+            self._kn_buf[:, :, t0:t1] = norms
+        self._tc = t1
+
+    def _window_room(self, n: int) -> bool:
+        """Make room for ``n`` tokens after the window run; False if the buffer cannot hold window + n."""
+        tw = self._w1 - self._w0
+        cap = self.window_capacity
+        if tw + n > cap:
+            return False
+        if self._w1 + n > cap:  # move the run to the front (<= window tokens)
+            if tw:
+                run_k = self._wk_buf[:, :, self._w0 : self._w1].clone()
+                run_v = self._wv_buf[:, :, self._w0 : self._w1].clone()
+                self._wk_buf[:, :, :tw] = run_k
+                self._wv_buf[:, :, :tw] = run_v
+            self._w0, self._w1 = 0, tw
+        return True
+
+    def _set_window(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace the window by ``keys``/``values`` ``[B, Hkv, n, hd]`` (reallocating if they do not fit)."""
+        n = keys.shape[2]
+        cap = max(self._window_slots(), n)
+        if self.window_capacity < cap:
+            self._wk_buf = _with_capacity(keys, 0, cap)
+            self._wv_buf = _with_capacity(values, 0, cap)
+            self.reallocations += 1
+        if n:
+            self._wk_buf[:, :, :n] = keys
+            self._wv_buf[:, :, :n] = values
+        self._w0, self._w1 = 0, n
 
     # -------------------------------------------------------------- transformers API
     @property
@@ -211,10 +346,13 @@ class GSRQLayer(CacheLayerMixin):
         self.value_quantizer = self.value_quantizer.to(dev)
         empty = torch.empty(B, Hkv, 0, hd, device=dev, dtype=dt)
         self.sink_keys, self.sink_values = empty, empty.clone()
-        self.window_keys, self.window_values = empty.clone(), empty.clone()
-        self.key_codes = torch.empty(B, Hkv, 0, self.key_quantizer.row_bytes, device=dev, dtype=torch.uint8)
-        self.value_codes = torch.empty(B, Hkv, 0, self.value_quantizer.row_bytes, device=dev, dtype=torch.uint8)
-        self.key_norms = torch.empty(B, Hkv, 0, device=dev, dtype=torch.float16) if self.key_quantizer.norm else None
+        self._wk_buf = torch.empty(B, Hkv, self._window_slots(), hd, device=dev, dtype=dt)
+        self._wv_buf = torch.empty_like(self._wk_buf)
+        self._w0 = self._w1 = self._tc = 0
+        # code buffers start empty; the first encoded tokens allocate them
+        self._kc_buf = torch.empty(B, Hkv, 0, self.key_quantizer.row_bytes, device=dev, dtype=torch.uint8)
+        self._vc_buf = torch.empty(B, Hkv, 0, self.value_quantizer.row_bytes, device=dev, dtype=torch.uint8)
+        self._kn_buf = torch.empty(B, Hkv, 0, device=dev, dtype=torch.float16) if self.key_quantizer.norm else None
         self.is_initialized = True
 
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -246,7 +384,7 @@ class GSRQLayer(CacheLayerMixin):
         key_states = key_states.to(self.dtype)
         value_states = value_states.to(self.dtype)
         first = self.get_seq_length() == 0
-        view = CompressedKV(
+        fields = dict(
             sink_keys=self.sink_keys,
             sink_values=self.sink_values,
             key_codes=self.key_codes,
@@ -255,18 +393,19 @@ class GSRQLayer(CacheLayerMixin):
             value_codebooks=self.value_quantizer.codebooks,
             key_bits=self.key_quantizer.code_bits,
             value_bits=self.value_quantizer.code_bits,
-            window_keys=_cat(self.window_keys, key_states),
-            window_values=_cat(self.window_values, value_states),
             key_norms=self.key_norms,
             query_map=self.key_quantizer.query_map,
             value_map=None,
             positions=self.head_positions,
         )
         if first and self.pending_pads is not None:
+            win_k, win_v = key_states, value_states  # the view keeps sequence order; the store does not
             self._begin_padding(key_states.shape[2])
             key_states, value_states = self._to_stored_order(key_states), self._to_stored_order(value_states)
-        self._store(key_states, value_states)
-        return view
+            self._store(key_states, value_states)
+        else:
+            win_k, win_v = self._store(key_states, value_states)
+        return CompressedKV(window_keys=win_k, window_values=win_v, **fields)
 
     # ----------------------------------------------------------- left padding
     def set_padding(self, pads: Sequence[int] | None) -> None:
@@ -323,9 +462,30 @@ class GSRQLayer(CacheLayerMixin):
             return self.fused
         return self.attn_config is not None and is_gsrq_attention(getattr(self.attn_config, "_attn_implementation", None))
 
-    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new tokens ``[B, Hkv, n, hd]``; return the earlier window followed by them (keys, values).
+
+        Decode steps (sinks full, window + n fitting the window buffer) write
+        the new tokens into the window buffer and encode the tokens leaving the
+        window straight from it, so they copy O(n) data; the returned window is
+        then a view of the buffer. Otherwise (prefill, sinks still filling) the
+        window is rebuilt from ``window + new``.
+        """
+        n = key_states.shape[2]
+        if self.sink_keys.shape[2] >= self.sinks and self._window_room(n):
+            w0 = self._w0
+            self._wk_buf[:, :, self._w1 : self._w1 + n] = key_states
+            self._wv_buf[:, :, self._w1 : self._w1 + n] = value_states
+            self._w1 += n
+            out_k, out_v = self._wk_buf[:, :, w0 : self._w1], self._wv_buf[:, :, w0 : self._w1]
+            move = self._w1 - self._w0 - self.window
+            if move > 0:
+                self._encode_push(out_k[:, :, :move], out_v[:, :, :move])
+                self._w0 += move
+            return out_k, out_v
         tail_k = _cat(self.window_keys, key_states)
         tail_v = _cat(self.window_values, value_states)
+        out_k, out_v = tail_k, tail_v
         # the first `sinks` tokens of the sequence stay exact for good
         need = self.sinks - self.sink_keys.shape[2]
         if need > 0:
@@ -336,14 +496,16 @@ class GSRQLayer(CacheLayerMixin):
         # tokens that left the exact window are encoded
         move = tail_k.shape[2] - self.window
         if move > 0:
-            enc_k = self.key_quantizer.encode(tail_k[:, :, :move])
-            enc_v = self.value_quantizer.encode(tail_v[:, :, :move])
-            self.key_codes = _cat(self.key_codes, enc_k.packed)
-            self.value_codes = _cat(self.value_codes, enc_v.packed)
-            if self.key_norms is not None:
-                self.key_norms = torch.cat([self.key_norms, enc_k.norms], dim=2)
+            self._encode_push(tail_k[:, :, :move], tail_v[:, :, :move])
             tail_k, tail_v = tail_k[:, :, move:], tail_v[:, :, move:]
-        self.window_keys, self.window_values = _own(tail_k), _own(tail_v)
+        self._set_window(tail_k, tail_v)
+        return out_k, out_v
+
+    def _encode_push(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Encode ``[B, Hkv, n, hd]`` tokens leaving the window and append their rows to the code buffers."""
+        enc_k = self.key_quantizer.encode(keys)
+        enc_v = self.value_quantizer.encode(values)
+        self._push_codes(enc_k.packed, enc_v.packed, enc_k.norms if self._kn_buf is not None else None)
 
     def reconstruct(self, view: CompressedKV) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense keys and values ``[B, Hkv, T, hd]`` of a view, in the model dtype: sinks, decoded codes, window."""
@@ -449,12 +611,16 @@ class GSRQLayer(CacheLayerMixin):
         return 0 if not self.is_initialized else int(self.window_keys.shape[2])
 
     # --------------------------------------------------------------- batch ops
+    #: The stored state, as views (see the class docstring).
     _STATE = ("sink_keys", "sink_values", "key_codes", "value_codes", "key_norms", "window_keys", "window_values")
+    #: The tensors really held (buffers with their spare capacity).
+    _HELD = ("sink_keys", "sink_values", "_kc_buf", "_vc_buf", "_kn_buf", "_wk_buf", "_wv_buf", "head_positions")
 
     def _map(self, fn: Any) -> None:
+        """Apply a batch-axis function to every held tensor, buffers whole (capacity and fill are kept)."""
         if not self.is_initialized:
             return
-        for name in self._STATE + ("head_positions",):
+        for name in self._HELD:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, _own(fn(t)))
@@ -473,7 +639,8 @@ class GSRQLayer(CacheLayerMixin):
         """Drop the last ``-tokens_to_remove`` tokens (negative), or keep the first ``tokens_to_remove`` (positive).
 
         Tokens left keep their current form: exact ones stay exact, coded ones
-        stay coded (the window refills as new tokens arrive).
+        stay coded (the window refills as new tokens arrive). Only the fill
+        counts change (no copy); :meth:`shrink_to_fit` releases the capacity.
         """
         if not self.is_initialized:
             return
@@ -489,15 +656,26 @@ class GSRQLayer(CacheLayerMixin):
                     f"cannot crop a left-padded cache to {keep} tokens: its first "
                     f"{self.head_positions.shape[1]} are stored out of sequence order"
                 )
-        ts, tc = self.sink_keys.shape[2], self.key_codes.shape[2]
-        self.sink_keys, self.sink_values = self.sink_keys[:, :, :keep], self.sink_values[:, :, :keep]
-        kc = max(0, min(tc, keep - ts))
-        self.key_codes, self.value_codes = self.key_codes[:, :, :kc], self.value_codes[:, :, :kc]
-        if self.key_norms is not None:
-            self.key_norms = self.key_norms[:, :, :kc]
-        kw = max(0, keep - ts - tc)
-        self.window_keys, self.window_values = self.window_keys[:, :, :kw], self.window_values[:, :, :kw]
-        self._map(lambda t: t)  # slices become compact tensors of their own
+        ts, tc = self.sink_keys.shape[2], self._tc
+        if keep < ts:
+            self.sink_keys = _own(self.sink_keys[:, :, :keep])
+            self.sink_values = _own(self.sink_values[:, :, :keep])
+        self._tc = max(0, min(tc, keep - ts))
+        self._w1 = self._w0 + max(0, keep - ts - tc)
+
+    def shrink_to_fit(self) -> None:
+        """Reallocate the code, norm and window buffers to exactly what they hold (frees the spare capacity).
+
+        The next encoded token grows the code buffers again (geometrically).
+        """
+        if not self.is_initialized:
+            return
+        self._kc_buf = _own(self.key_codes)
+        self._vc_buf = _own(self.value_codes)
+        if self._kn_buf is not None:
+            self._kn_buf = _own(self.key_norms)
+        self._wk_buf, self._wv_buf = _own(self.window_keys), _own(self.window_values)
+        self._w0, self._w1 = 0, self._wk_buf.shape[2]
 
     def reset(self) -> None:
         self._clear()
@@ -511,9 +689,16 @@ class GSRQLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------- accounting
     def memory_report(self) -> dict[str, int]:
-        """Bytes held by this layer: ``codes``, ``norms``, ``exact`` (sinks + window)."""
+        """Bytes of this layer: in use ``codes``, ``norms``, ``exact`` (sinks + window), and ``reserved``.
+
+        ``codes``/``norms``/``exact`` count the tokens cached (what the
+        compressed format needs); ``reserved`` is all the bytes allocated for
+        them, including the spare capacity of the growable buffers
+        (``reserved >= codes + norms + exact``; equal after :meth:`shrink_to_fit`
+        only when the window buffer holds exactly the window).
+        """
         if not self.is_initialized:
-            return {"codes": 0, "norms": 0, "exact": 0}
+            return {"codes": 0, "norms": 0, "exact": 0, "reserved": 0}
 
         def nbytes(t: torch.Tensor | None) -> int:
             return 0 if t is None else t.numel() * t.element_size()
@@ -522,6 +707,10 @@ class GSRQLayer(CacheLayerMixin):
             "codes": nbytes(self.key_codes) + nbytes(self.value_codes),
             "norms": nbytes(self.key_norms),
             "exact": sum(nbytes(t) for t in (self.sink_keys, self.sink_values, self.window_keys, self.window_values)),
+            "reserved": sum(
+                nbytes(getattr(self, name))
+                for name in ("sink_keys", "sink_values", "_kc_buf", "_vc_buf", "_kn_buf", "_wk_buf", "_wv_buf")
+            ),
         }
 
     def num_elements(self) -> int:
@@ -692,22 +881,44 @@ class GSRQCache(Cache):
 
     # ------------------------------------------------------------- accounting
     def memory_report(self, include_codebooks: bool = False) -> dict[str, int]:
-        """Bytes held, summed over layers: ``codes``, ``norms``, ``exact``, ``codebooks`` (0 unless included), ``total``."""
+        """Bytes summed over layers.
+
+        In use: ``codes``, ``norms``, ``exact``, ``codebooks`` (0 unless
+        included) and their sum ``total``. ``reserved``: bytes allocated for
+        the cached sequences, spare buffer capacity included (plus the
+        codebooks when included); ``reserved >= total``.
+        """
         out = {"codes": 0, "norms": 0, "exact": 0, "codebooks": 0}
+        reserved = 0
         for layer in self.layers:
-            for k, v in layer.memory_report().items():
+            rep = layer.memory_report()
+            reserved += rep.pop("reserved")
+            for k, v in rep.items():
                 out[k] += v
             if include_codebooks:
                 out["codebooks"] += layer.codebook_bytes()
         out["total"] = sum(out.values())
+        out["reserved"] = reserved + out["codebooks"]
         return out
 
-    def memory_bytes(self, include_codebooks: bool = False) -> int:
-        """Bytes really held for the cached sequences: packed codes, key norms, exact sink and window tokens.
+    def memory_bytes(self, include_codebooks: bool = False, reserved: bool = False) -> int:
+        """Bytes in use for the cached sequences: packed codes, key norms, exact sink and window tokens.
 
+        ``reserved=True``: the bytes allocated instead, spare capacity of the
+        growable buffers included (see :meth:`GSRQLayer.memory_report`).
         Codebooks (16-bit, shared by all sequences) are added with ``include_codebooks``.
         """
-        return self.memory_report(include_codebooks)["total"]
+        rep = self.memory_report(include_codebooks)
+        return rep["reserved"] if reserved else rep["total"]
+
+    def reserved_bytes(self, include_codebooks: bool = False) -> int:
+        """Bytes allocated for the cached sequences (``memory_bytes(reserved=True)``)."""
+        return self.memory_bytes(include_codebooks, reserved=True)
+
+    def shrink_to_fit(self) -> None:
+        """Release every layer's spare buffer capacity (:meth:`GSRQLayer.shrink_to_fit`)."""
+        for layer in self.layers:
+            layer.shrink_to_fit()
 
     def codebook_bytes(self) -> int:
         """Bytes of all layers' codebooks in 16-bit floats."""
@@ -718,7 +929,7 @@ class GSRQCache(Cache):
         return sum(layer.num_elements() for layer in self.layers)
 
     def bits_per_element(self, include_codebooks: bool = False) -> float:
-        """Held bits over cached key/value elements (0.0 while empty)."""
+        """Bits in use (:meth:`memory_bytes`, not the reserved capacity) over cached key/value elements (0.0 while empty)."""
         n = self.num_elements()
         return 8 * self.memory_bytes(include_codebooks) / n if n else 0.0
 
