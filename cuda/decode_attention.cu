@@ -30,6 +30,9 @@
 //      hist_out  = sum_s w_s hist_s / L                 float32 [B, Hq, Cv*Mv*Kcv]
 //    The host finishes with out = out_exact + (hist_out . CBv) @ value_map (a GEMM).
 //
+// The exact window (win_k / win_v) may likewise be a view [:, :, w0:w1] of a larger
+// buffer: token (b, g, e) starts at win + b * w*_stride_b + g * w*_stride_h + e * hd.
+//
 // Masks: valid (uint8 [B, Ts+Tc+Tw], 0 = padding, order sinks, coded, window) or
 // null. A split or row without any valid token contributes nothing; a row with no
 // valid token at all returns zeros.
@@ -205,7 +208,8 @@ __device__ void decode_merge(const T* __restrict__ q, const T* __restrict__ sink
                              const uint8_t* __restrict__ valid, int valid_len, const float* __restrict__ m_part,
                              const float* __restrict__ l_part, const float* __restrict__ hist,
                              float* __restrict__ out_exact, float* __restrict__ hist_out, float scale, int Ts, int Tc,
-                             int Tw, int S, int Hkv, int G, int hd, int CMKv) {
+                             int Tw, int S, int Hkv, int G, int hd, int CMKv, long long wk_stride_b,
+                             long long wk_stride_h, long long wv_stride_b, long long wv_stride_h) {
     extern __shared__ __align__(16) float smem[];
     const int Te = Ts + Tw;
     float* qs = smem;         // [hd]
@@ -223,13 +227,16 @@ __device__ void decode_merge(const T* __restrict__ q, const T* __restrict__ sink
     const int nwarps = blockDim.x >> 5;
     const long long bh = static_cast<long long>(b) * Hq + qh;
     const long long bg = static_cast<long long>(b) * Hkv + g;
+    // window tokens may be a view into a larger buffer: element strides of its batch and head axes
+    const T* wk_base = win_k + b * wk_stride_b + g * wk_stride_h;
+    const T* wv_base = win_v + b * wv_stride_b + g * wv_stride_h;
 
     for (int d = tid; d < hd; d += blockDim.x) qs[d] = gsrq::to_float<T>(q[bh * hd + d]);
     __syncthreads();
 
     for (int e = warp; e < Te; e += nwarps) {
         const bool sink = e < Ts;
-        const T* k = sink ? sink_k + (bg * Ts + e) * hd : win_k + (bg * Tw + (e - Ts)) * hd;
+        const T* k = sink ? sink_k + (bg * Ts + e) * hd : wk_base + static_cast<long long>(e - Ts) * hd;
         const int vi = sink ? e : Ts + Tc + (e - Ts);
         float dot = 0.f;
         for (int d = lane; d < hd; d += 32) dot = fmaf(qs[d], gsrq::to_float<T>(k[d]), dot);
@@ -266,7 +273,7 @@ __device__ void decode_merge(const T* __restrict__ q, const T* __restrict__ sink
         float acc = 0.f;
         for (int e = 0; e < Te; ++e) {
             const bool sink = e < Ts;
-            const T* v = sink ? sink_v + (bg * Ts + e) * hd : win_v + (bg * Tw + (e - Ts)) * hd;
+            const T* v = sink ? sink_v + (bg * Ts + e) * hd : wv_base + static_cast<long long>(e - Ts) * hd;
             acc = fmaf(pe[e], gsrq::to_float<T>(v[d]), acc);
         }
         out_exact[bh * hd + d] = acc * inv;
@@ -286,9 +293,11 @@ __device__ void decode_merge(const T* __restrict__ q, const T* __restrict__ sink
         const T* __restrict__ win_k, const T* __restrict__ win_v, const uint8_t* __restrict__ valid,             \
         int valid_len, const float* __restrict__ m_part, const float* __restrict__ l_part,                       \
         const float* __restrict__ hist, float* __restrict__ out_exact, float* __restrict__ hist_out, float scale, \
-        int Ts, int Tc, int Tw, int S, int Hkv, int G, int hd, int CMKv) {                                       \
+        int Ts, int Tc, int Tw, int S, int Hkv, int G, int hd, int CMKv, long long wk_stride_b,                   \
+        long long wk_stride_h, long long wv_stride_b, long long wv_stride_h) {                                   \
         decode_merge<T>(q, sink_k, sink_v, win_k, win_v, valid, valid_len, m_part, l_part, hist, out_exact,     \
-                        hist_out, scale, Ts, Tc, Tw, S, Hkv, G, hd, CMKv);                                       \
+                        hist_out, scale, Ts, Tc, Tw, S, Hkv, G, hd, CMKv, wk_stride_b, wk_stride_h, wv_stride_b, \
+                        wv_stride_h);                                                                            \
     }
 
 GSRQ_MERGE(gsrq_decode_attention_merge_f32, float)

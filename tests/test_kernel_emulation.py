@@ -212,7 +212,7 @@ STRIDED_CASES = [
 
 @pytest.mark.parametrize("case", STRIDED_CASES, ids=[f"strided{i}" for i in range(len(STRIDED_CASES))])
 def test_decode_attention_on_buffer_views(on_emulator, monkeypatch, case):
-    """Codes and key norms handed over as views into larger capacity buffers are read in place (no copy)."""
+    """Codes, key norms and the exact window handed over as views into larger buffers are read in place (no copy)."""
     B, Hkv, G, hd, Ts, Tc, Tw, kcfg, vcfg, extra = case
     extra = dict(extra)
     dtype = extra.pop("dtype")
@@ -241,13 +241,21 @@ def test_decode_attention_on_buffer_views(on_emulator, monkeypatch, case):
         passed.append(out.data_ptr() == t.data_ptr() and out.stride() == t.stride())
         return out
 
+    real_window = attention._window_view
+
+    def window(t):
+        out = real_window(t)
+        passed.append(out.data_ptr() == t.data_ptr() and out.stride() == t.stride())
+        return out
+
     monkeypatch.setattr(attention, "_rows_view", rows)
     monkeypatch.setattr(attention, "_norms_view", norms)
+    monkeypatch.setattr(attention, "_window_view", window)
     q = (torch.randn(B, Hkv * G, hd, generator=torch.Generator().manual_seed(2)) * 2).to(dtype)
     scale = 1 / math.sqrt(hd)
     out = attention._decode_attention_cuda(q, strided, scale)
     assert isinstance(out, torch.Tensor), out
-    assert passed == [True] * (3 if dense.key_norms is not None else 2)  # the views went to the kernel as they are
+    assert passed == [True] * (5 if dense.key_norms is not None else 4)  # the views went to the kernels as they are
     ref = fused_decode_attention_ref(q.float(), dense, scale)
     tol = {torch.float16: 2e-3, torch.float32: 2e-5}[dtype]
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)

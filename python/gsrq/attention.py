@@ -342,6 +342,15 @@ def _rows_view(codes: torch.Tensor) -> torch.Tensor:
     return codes.contiguous()
 
 
+def _window_view(x: torch.Tensor) -> torch.Tensor:
+    """Exact window ``[B, Hkv, Tw, hd]`` as the merge kernel reads it: tokens of ``hd`` contiguous elements one
+    after another (batch/head strides free, e.g. a view of a cache's window buffer); others are copied."""
+    hd = x.shape[3]
+    if x.stride(3) == 1 and (x.shape[2] <= 1 or x.stride(2) == hd):
+        return x
+    return x.contiguous()
+
+
 def _norms_view(norms: torch.Tensor) -> torch.Tensor:
     """Key norms ``[B, Hkv, Tc]`` with a unit token stride (batch/head strides free); others are copied."""
     return norms if norms.shape[2] <= 1 or norms.stride(2) == 1 else norms.contiguous()
@@ -424,7 +433,7 @@ def _decode_attention_cuda(q: torch.Tensor, ckv: CompressedKV, scale: float) -> 
     dt = q.dtype
     qc = q.contiguous()
     sk, sv = ckv.sink_keys.to(dt).contiguous(), ckv.sink_values.to(dt).contiguous()
-    wk, wv = ckv.window_keys.to(dt).contiguous(), ckv.window_values.to(dt).contiguous()
+    wk, wv = _window_view(ckv.window_keys.to(dt)), _window_view(ckv.window_values.to(dt))
     out_exact = torch.empty(B, Hq, hd, dtype=f32, device=dev)
     hist_out = torch.empty(B, Hq, cmk_v, dtype=f32, device=dev)
     kernels.REGISTRY.launch(
@@ -454,6 +463,10 @@ def _decode_attention_cuda(q: torch.Tensor, ckv: CompressedKV, scale: float) -> 
         np.int32(G),
         np.int32(hd),
         np.int32(cmk_v),
+        np.int64(wk.stride(0)),
+        np.int64(wk.stride(1)),
+        np.int64(wv.stride(0)),
+        np.int64(wv.stride(1)),
     )
     out = out_exact
     if S > 0:
