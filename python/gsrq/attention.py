@@ -47,6 +47,13 @@ class CompressedKV:
         ``j >= Th`` is at position ``j``. None: stored in sequence order.
         Attention itself is order-free; this maps a sequence-order mask onto
         the stored order (:func:`gsrq_attention_forward`).
+
+    Codes, key norms and the window may be views into larger buffers (a
+    :class:`gsrq.GSRQLayer` hands out ``[:, :, :Tc]`` views of its capacity
+    buffers): the fused kernels read any batch/head strides in place as long
+    as each code row's ``R`` bytes (each window token's ``hd`` elements) are
+    contiguous and rows follow each other along the token axis; other layouts
+    are copied by the launcher.
     """
 
     sink_keys: torch.Tensor
