@@ -615,6 +615,7 @@ def calibrate(
         "seq_len": int(seq_len),
         "windows": {"train": len(train_w), "heldout": len(eval_w)},
         "positions_skipped_per_window": int(skip),
+        "sample_positions": [int(skip), int(seq_len - 1)],  # half-open range of window positions sampled
         "samples_per_codebook": int(S),
         "samples_available_per_codebook": int(len(train_w) * plan.per_window),
         "heldout_samples_per_codebook": int(eval_plan.selected.size) if eval_plan is not None else 0,
@@ -634,6 +635,8 @@ def calibrate(
         },
         "heldout_reconstruction": heldout,
     }
+    if config.key_rotation != "none" or post_levers:
+        calibration["heldout_reconstruction_domain"] = "keys in the code domain of the key levers"
     try:
         import transformers
 
