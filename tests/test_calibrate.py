@@ -101,7 +101,7 @@ def _rmsnorm_in_input_dtype(self, hidden_states):
 
 
 def test_gradients_match_finite_differences(monkeypatch):
-    from conftest import make_tiny_llama
+    from gsrq_testing import make_tiny_llama
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     monkeypatch.setattr(LlamaRMSNorm, "forward", _rmsnorm_in_input_dtype)
