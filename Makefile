@@ -44,7 +44,9 @@ test-rust:
 test-python: build
 	$(PY) -m pytest -q tests
 
-test: setup test-rust test-python
+# CI (.ci/run) runs exactly this: Rust tests, Python tests, and a wheel that
+# must carry the extension and the CUDA fatbins.
+test: setup test-rust test-python wheel
 
 demo: ext
 	$(PY) -m gsrq.cli demo
@@ -55,7 +57,8 @@ bench-rust:
 # The wheel carries the extension and the CUDA fatbins (build.rs runs
 # cuda/build.py); fail if the kernels did not make it in.
 wheel: setup
-	$(PY) -m pip wheel --no-deps -w dist .
+	rm -f dist/gsrq-*.whl
+	$(PY) -m pip wheel -q --no-deps -w dist .
 	@$(PY) -c "import glob, sys, zipfile; w = sorted(glob.glob('dist/gsrq-*.whl'))[-1]; n = zipfile.ZipFile(w).namelist(); k = [x for x in n if x.startswith('gsrq/_kernels/')]; print(w, *k, sep='\n  '); sys.exit(0 if 'gsrq/_kernels/manifest.json' in k and len(k) >= 4 else 'wheel lacks the CUDA kernels')"
 
 clean:

@@ -2,21 +2,30 @@
 """End-to-end decode speed and memory: randomly initialised LLaMA-3-8B, fp16 cache vs GSRQCache.
 
 Weights do not matter for speed, so the model is a random-init LLaMA-3-8B
-config (32 layers, 32 query heads, 8 KV heads, head_dim 128, fp16). For each
-batch and context: prefill a random prompt of ``ctx`` tokens (in chunks,
-logits only for the last position), then time ``--steps`` greedy decode steps
-(CUDA-synchronised wall clock) and report tokens/s, the KV cache's bytes and
-the peak GPU memory. GSRQ codebooks are random (GSRQConfig.from_bits; 4 exact
-sinks). The attention implementation is ``--attn`` (default: ``gsrq``,
-registered by gsrq.attention.register_transformers_attention). With ``gsrq``
-the fused kernels run on the decode steps where the cache attaches its compressed view to the keys it returns
-(``gsrq.attention.attach_compressed``); elsewhere the model attends to the
-cache's dense reconstruction. The last column counts the decode-attention
-calls that ran the fused kernels.
+config (32 layers, 32 query heads, 8 KV heads, head_dim 128, 128k vocabulary,
+fp16; ``--layers`` changes the layer count, the table says which was used).
+For each batch and context the cache is filled with ``ctx`` tokens, then
+``--steps`` greedy decode steps of the whole model are timed (CUDA-synchronised
+wall clock, after one warm-up step): decode tokens/s, the KV cache's bytes and
+the peak GPU memory of the run (weights included).
+
+Filling (``--fill``): ``random`` (default) writes random keys/values of the
+context length into every layer's cache through the cache's own ``update``
+(GSRQ encodes them with the CUDA encode kernel), which takes a second instead
+of a long-context prefill; decode speed does not depend on the values.
+``model`` runs the real chunked prefill of a random prompt (and reports its
+time).
+
+fp16 rows: ``DynamicCache`` with ``sdpa`` attention. GSRQ rows: ``GSRQCache``
+(random codebooks from GSRQConfig.from_bits, 4 exact sinks, no window) on a
+model switched to ``attn_implementation="gsrq"`` by
+``gsrq.enable_fused_attention``: every decode step runs the fused decode
+attention kernels over the packed codes (the last column counts those calls;
+it must be layers x (steps + 1)).
 
 Usage:
-    python benches/bench_decode_e2e.py [--batch 1,8] [--ctx 4096,32768] [--bits 1] [--steps 32]
-        [--layers 32] [--budget 300] [--out table.md]
+    python benches/bench_decode_e2e.py [--batch 1,8] [--ctx 4096,16384,32768] [--bits 1] [--steps 16]
+        [--layers 32] [--fill random|model] [--budget 300] [--out table.md]
 """
 
 from __future__ import annotations
@@ -72,14 +81,29 @@ def llama3_8b_config(layers: int, attn: str, tiny: bool = False):
 
 
 def cache_bytes(cache) -> int:
+    """Bytes the cache holds for the sequences (GSRQ: codes + exact tokens; fp16: keys + values)."""
+    if hasattr(cache, "memory_bytes"):
+        return int(cache.memory_bytes())
     total = 0
-    seen = set()
     for layer in getattr(cache, "layers", []):
-        for v in vars(layer).values():
-            if isinstance(v, torch.Tensor) and v.data_ptr() not in seen:
-                seen.add(v.data_ptr())
-                total += v.numel() * v.element_size()
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
     return total
+
+
+def fill_random(model, cache, batch: int, ctx: int, dev: str) -> None:
+    """Write ``ctx`` random key/value tokens into every layer through ``cache.update`` (one layer at a time)."""
+    cfg = model.config
+    g = torch.Generator(device=dev).manual_seed(0)
+    dt = next(model.parameters()).dtype
+    for layer in range(cfg.num_hidden_layers):
+        shape = (batch, cfg.num_key_value_heads, ctx, cfg.head_dim)
+        k = torch.randn(shape, generator=g, device=dev, dtype=dt)
+        v = torch.randn(shape, generator=g, device=dev, dtype=dt)
+        cache.update(k, v, layer)
+        del k, v
 
 
 def _sync(dev: str) -> None:
@@ -87,19 +111,23 @@ def _sync(dev: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_one(model, cache, batch: int, ctx: int, steps: int, kw: str, dev: str = "cuda") -> dict:
+def run_one(model, cache, batch: int, ctx: int, steps: int, kw: str, dev: str = "cuda", fill: str = "random") -> dict:
     g = torch.Generator(device=dev).manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (batch, ctx), generator=g, device=dev)
     _sync(dev)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with torch.no_grad():
-        for s in range(0, ctx, CHUNK):
-            out = model(input_ids=ids[:, s : s + CHUNK], use_cache=True, logits_to_keep=1, **{kw: cache})
+        if fill == "model":
+            ids = torch.randint(0, model.config.vocab_size, (batch, ctx), generator=g, device=dev)
+            for s in range(0, ctx, CHUNK):
+                out = model(input_ids=ids[:, s : s + CHUNK], use_cache=True, logits_to_keep=1, **{kw: cache})
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        else:
+            fill_random(model, cache, batch, ctx, dev)
+            tok = torch.randint(0, model.config.vocab_size, (batch, 1), generator=g, device=dev)
         _sync(dev)
         t_prefill = time.perf_counter() - t0
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
         out = model(input_ids=tok, use_cache=True, logits_to_keep=1, **{kw: cache})  # warm-up step
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         _sync(dev)
@@ -121,11 +149,11 @@ def run_one(model, cache, batch: int, ctx: int, steps: int, kw: str, dev: str = 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", default="1,8")
-    p.add_argument("--ctx", default="4096,32768")
+    p.add_argument("--ctx", default="4096,16384,32768")
     p.add_argument("--bits", default="1")
-    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--steps", type=int, default=16)
     p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--attn", default=None, help="attention implementation for the GSRQ runs")
+    p.add_argument("--fill", choices=("random", "model"), default="random", help="how the context gets into the cache")
     p.add_argument("--budget", type=float, default=300.0, help="seconds; later sizes are skipped once spent")
     p.add_argument("--out", default=None)
     p.add_argument("--dry-run-cpu", action="store_true", help="tiny model on the CPU: checks the script, measures nothing useful")
@@ -151,26 +179,27 @@ def main(argv: list[str] | None = None) -> int:
         return finish()
     try:
         from transformers import DynamicCache, LlamaForCausalLM
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         from gsrq import attention
         from gsrq.cache import GSRQCache, generate_cache_kwarg
     except ImportError as exc:
         emit(f"Cannot run: {exc}")
         return finish()
-    attn = args.attn or attention.register_transformers_attention()
-    assert attn in ALL_ATTENTION_FUNCTIONS
     kw = generate_cache_kwarg()
     where = torch.cuda.get_device_name() if dev == "cuda" else "CPU (dry run, tiny model)"
-    emit(f"### End-to-end decode, random-init LLaMA-3-8B ({args.layers} layers, fp16) on {where}")
+    layers = 2 if args.dry_run_cpu else args.layers
+    emit(f"### End-to-end decode, random-init LLaMA-3-8B shapes ({layers} layers, fp16) on {where}")
     emit("")
-    emit(f"GSRQ runs use attention implementation `{attn}`; fp16 runs use `sdpa` with DynamicCache. {args.steps} decode steps.")
+    emit(
+        f"fp16: DynamicCache + `sdpa`. GSRQ: GSRQCache + `attn_implementation=\"gsrq\"` (fused decode attention). "
+        f"Context filled by `--fill {args.fill}`; {args.steps} timed decode steps after one warm-up step. "
+        "Peak GPU memory includes the weights."
+    )
     emit("")
-    emit("| cache | batch | ctx | tokens/s | ms/step | speedup | KV cache GiB | peak GPU GiB | prefill s | fused calls |")
-    emit("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    path = "fused" if dev == "cuda" else "reference"
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    mcfg = llama3_8b_config(args.layers, "sdpa", tiny=args.dry_run_cpu)
+    mcfg = llama3_8b_config(layers, "sdpa", tiny=args.dry_run_cpu)
     with torch.device(dev):
         prev = torch.get_default_dtype()
         torch.set_default_dtype(torch.float16 if dev == "cuda" else torch.float32)
@@ -178,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
             model = LlamaForCausalLM(mcfg).eval()
         finally:
             torch.set_default_dtype(prev)
+    attention.enable_fused_attention(model)
+    emit(f"Model built in {time.perf_counter() - t_start:.0f} s.")
+    emit("")
+    emit(f"| cache | batch | ctx | tokens/s | ms/step | speedup | KV cache GiB | peak GPU GiB | fill s | {path} calls |")
+    emit("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     books = {
         b: RandomBooks(
             GSRQConfig.from_bits(float(b), sinks=4, window=0), mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.head_dim
@@ -192,13 +226,14 @@ def main(argv: list[str] | None = None) -> int:
                 if time.perf_counter() - t_start > args.budget:
                     emit(f"| {label} | {B} | {ctx} | skipped (time budget) |")
                     continue
+                cache = None
                 try:
-                    model.config._attn_implementation = "sdpa" if b is None else attn
+                    model.config._attn_implementation = "sdpa" if b is None else "gsrq"
                     cache = DynamicCache() if b is None else GSRQCache.from_codebooks(books[b], model.config, dev)
-                    before = attention.CALLS["fused"]
-                    r = run_one(model, cache, B, ctx, args.steps, kw, dev)
-                    fused = attention.CALLS["fused"] - before
-                    del cache
+                    before, fell_back = attention.CALLS[path], attention.CALLS["fallback"]
+                    r = run_one(model, cache, B, ctx, args.steps, kw, dev, args.fill)
+                    fused = attention.CALLS[path] - before
+                    fell_back = attention.CALLS["fallback"] - fell_back
                     if b is None:
                         base = r["tok_s"]
                     speed = f"{r['tok_s'] / base:.2f}x" if base else "n/a"
@@ -206,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"| {label} | {B} | {ctx} | {r['tok_s']:.1f} | {r['ms_step']:.1f} | {speed} | "
                         f"{r['kv_gib']:.3f} | {r['peak_gib']:.1f} | {r['prefill_s']:.1f} | {fused} |"
                     )
+                    if b is not None and (fused == 0 or fell_back):
+                        emit(f"| ^ warning: {fell_back} decode-attention calls fell back to dequantize + attention |")
                 except torch.cuda.OutOfMemoryError:
                     emit(f"| {label} | {B} | {ctx} | out of memory |")
+                del cache
                 if dev == "cuda":
                     torch.cuda.empty_cache()
     return finish()

@@ -65,7 +65,7 @@ timeout --kill-after=10 "$T_ATTN" "$PY" benches/bench_decode_attention.py --iter
 log "decode attention benchmark exit $?"
 
 log "end-to-end decode benchmark (limit ${T_E2E}s)"
-timeout --kill-after=10 "$T_E2E" "$PY" benches/bench_decode_e2e.py --batch 1,8 --ctx 4096,32768 --steps 16 \
+timeout --kill-after=10 "$T_E2E" "$PY" benches/bench_decode_e2e.py --batch 1,8 --ctx 4096,16384,32768 --steps 16 \
     --budget $(( T_E2E - 60 )) --out "$OUT/decode_e2e.md" > "$OUT/decode_e2e.log" 2>&1
 log "end-to-end benchmark exit $?"
 

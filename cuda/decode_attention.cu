@@ -18,6 +18,10 @@
 //    instead of an online rescale keep the histogram exact (rescaling
 //    C*M*Kc bins on every new maximum would cost more than re-reading the codes).
 //    Writes m [B, Hq, S], l [B, Hq, S], hist [B, Hq, S, Cv*Mv*Kcv].
+//    Code rows and key norms may be views into larger buffers (a cache's
+//    capacity buffers [B, Hkv, capacity, R]): row (b, g, t) of key codes starts at
+//    kcodes + b * k_stride_b + g * k_stride_h + t * Rk (byte strides), likewise
+//    vcodes; its norm is key_norms[b * n_stride_b + g * n_stride_h + t] (element strides).
 // 3. gsrq_decode_attention_merge_{f16,bf16,f32}: grid (Hq, B), 128 threads.
 //    Scores the exact sink and window tokens, then merges them with the S
 //    split partials by log-sum-exp:
@@ -25,6 +29,9 @@
 //      out_exact = sum_e exp(s_e - Mx) v_e / L          float32 [B, Hq, hd]
 //      hist_out  = sum_s w_s hist_s / L                 float32 [B, Hq, Cv*Mv*Kcv]
 //    The host finishes with out = out_exact + (hist_out . CBv) @ value_map (a GEMM).
+//
+// The exact window (win_k / win_v) may likewise be a view [:, :, w0:w1] of a larger
+// buffer: token (b, g, e) starts at win + b * w*_stride_b + g * w*_stride_h + e * hd.
 //
 // Masks: valid (uint8 [B, Ts+Tc+Tw], 0 = padding, order sinks, coded, window) or
 // null. A split or row without any valid token contributes nothing; a row with no
@@ -101,7 +108,8 @@ extern "C" __global__ void __launch_bounds__(kSplitThreads) gsrq_decode_attentio
     const void* __restrict__ key_norms, int norm_kind, const uint8_t* __restrict__ valid, int valid_offset,
     int valid_len, float* __restrict__ m_out, float* __restrict__ l_out, float* __restrict__ hist_out, int Tc,
     int tokens_per_split, int S, int Hkv, int G, int GB, int CMk, int Kck, int bits_k, int Rk, int words_k, int CMv,
-    int Kcv, int bits_v, int Rv, int words_v) {
+    int Kcv, int bits_v, int Rv, int words_v, long long k_stride_b, long long k_stride_h, long long v_stride_b,
+    long long v_stride_h, long long n_stride_b, long long n_stride_h) {
     extern __shared__ __align__(16) float smem[];
     const int CMKk = CMk * Kck;
     const int CMKv = CMv * Kcv;
@@ -119,7 +127,9 @@ extern "C" __global__ void __launch_bounds__(kSplitThreads) gsrq_decode_attentio
     const int tid = threadIdx.x;
     const int t0 = s_idx * tokens_per_split;
     const int t1 = min(Tc, t0 + tokens_per_split);
-    const long long bg = static_cast<long long>(b) * Hkv + g;
+    const uint8_t* kbase = kcodes + b * k_stride_b + g * k_stride_h;
+    const uint8_t* vbase = vcodes + b * v_stride_b + g * v_stride_h;
+    const long long nbase = b * n_stride_b + g * n_stride_h;
 
     const float* lut_src = lut + (static_cast<long long>(b) * Hq + qh0) * CMKk;
     for (int i = tid; i < GB * CMKk; i += blockDim.x) lut_s[i] = lut_src[i];
@@ -132,9 +142,9 @@ extern "C" __global__ void __launch_bounds__(kSplitThreads) gsrq_decode_attentio
     for (int gq = 0; gq < kMaxGB; ++gq) mx[gq] = -INFINITY;
     for (int t = t0 + tid; t < t1; t += blockDim.x) {
         if (valid != nullptr && !valid[static_cast<long long>(b) * valid_len + valid_offset + t]) continue;
-        const float norm = key_norms != nullptr ? gsrq::load_as_float(key_norms, bg * Tc + t, norm_kind) : 1.f;
+        const float norm = key_norms != nullptr ? gsrq::load_as_float(key_norms, nbase + t, norm_kind) : 1.f;
         float sc[kMaxGB];
-        coded_scores(kcodes + (bg * Tc + t) * Rk, lut_s, CMk, Kck, bits_k, Rk, words_k != 0, GB, norm, sc);
+        coded_scores(kbase + static_cast<long long>(t) * Rk, lut_s, CMk, Kck, bits_k, Rk, words_k != 0, GB, norm, sc);
 #pragma unroll
         for (int gq = 0; gq < kMaxGB; ++gq) mx[gq] = fmaxf(mx[gq], sc[gq]);
     }
@@ -155,15 +165,15 @@ extern "C" __global__ void __launch_bounds__(kSplitThreads) gsrq_decode_attentio
     for (int gq = 0; gq < kMaxGB; ++gq) ls[gq] = 0.f;
     for (int t = t0 + tid; t < t1; t += blockDim.x) {
         if (valid != nullptr && !valid[static_cast<long long>(b) * valid_len + valid_offset + t]) continue;
-        const float norm = key_norms != nullptr ? gsrq::load_as_float(key_norms, bg * Tc + t, norm_kind) : 1.f;
+        const float norm = key_norms != nullptr ? gsrq::load_as_float(key_norms, nbase + t, norm_kind) : 1.f;
         float p[kMaxGB];
-        coded_scores(kcodes + (bg * Tc + t) * Rk, lut_s, CMk, Kck, bits_k, Rk, words_k != 0, GB, norm, p);
+        coded_scores(kbase + static_cast<long long>(t) * Rk, lut_s, CMk, Kck, bits_k, Rk, words_k != 0, GB, norm, p);
 #pragma unroll
         for (int gq = 0; gq < kMaxGB; ++gq) {
             p[gq] = gq < GB ? expf(p[gq] - mx[gq]) : 0.f;
             ls[gq] += p[gq];
         }
-        const uint8_t* vrow = vcodes + (bg * Tc + t) * Rv;
+        const uint8_t* vrow = vbase + static_cast<long long>(t) * Rv;
         for_each_code(vrow, CMv, bits_v, Rv, words_v != 0, [&](int j, uint32_t code) {
             const int base = j * Kcv + min(static_cast<int>(code), Kcv - 1);
 #pragma unroll
@@ -198,7 +208,8 @@ __device__ void decode_merge(const T* __restrict__ q, const T* __restrict__ sink
                              const uint8_t* __restrict__ valid, int valid_len, const float* __restrict__ m_part,
                              const float* __restrict__ l_part, const float* __restrict__ hist,
                              float* __restrict__ out_exact, float* __restrict__ hist_out, float scale, int Ts, int Tc,
-                             int Tw, int S, int Hkv, int G, int hd, int CMKv) {
+                             int Tw, int S, int Hkv, int G, int hd, int CMKv, long long wk_stride_b,
+                             long long wk_stride_h, long long wv_stride_b, long long wv_stride_h) {
     extern __shared__ __align__(16) float smem[];
     const int Te = Ts + Tw;
     float* qs = smem;         // [hd]
@@ -216,13 +227,16 @@ __device__ void decode_merge(const T* __restrict__ q, const T* __restrict__ sink
     const int nwarps = blockDim.x >> 5;
     const long long bh = static_cast<long long>(b) * Hq + qh;
     const long long bg = static_cast<long long>(b) * Hkv + g;
+    // window tokens may be a view into a larger buffer: element strides of its batch and head axes
+    const T* wk_base = win_k + b * wk_stride_b + g * wk_stride_h;
+    const T* wv_base = win_v + b * wv_stride_b + g * wv_stride_h;
 
     for (int d = tid; d < hd; d += blockDim.x) qs[d] = gsrq::to_float<T>(q[bh * hd + d]);
     __syncthreads();
 
     for (int e = warp; e < Te; e += nwarps) {
         const bool sink = e < Ts;
-        const T* k = sink ? sink_k + (bg * Ts + e) * hd : win_k + (bg * Tw + (e - Ts)) * hd;
+        const T* k = sink ? sink_k + (bg * Ts + e) * hd : wk_base + static_cast<long long>(e - Ts) * hd;
         const int vi = sink ? e : Ts + Tc + (e - Ts);
         float dot = 0.f;
         for (int d = lane; d < hd; d += 32) dot = fmaf(qs[d], gsrq::to_float<T>(k[d]), dot);
@@ -259,7 +273,7 @@ __device__ void decode_merge(const T* __restrict__ q, const T* __restrict__ sink
         float acc = 0.f;
         for (int e = 0; e < Te; ++e) {
             const bool sink = e < Ts;
-            const T* v = sink ? sink_v + (bg * Ts + e) * hd : win_v + (bg * Tw + (e - Ts)) * hd;
+            const T* v = sink ? sink_v + (bg * Ts + e) * hd : wv_base + static_cast<long long>(e - Ts) * hd;
             acc = fmaf(pe[e], gsrq::to_float<T>(v[d]), acc);
         }
         out_exact[bh * hd + d] = acc * inv;
@@ -279,9 +293,11 @@ __device__ void decode_merge(const T* __restrict__ q, const T* __restrict__ sink
         const T* __restrict__ win_k, const T* __restrict__ win_v, const uint8_t* __restrict__ valid,             \
         int valid_len, const float* __restrict__ m_part, const float* __restrict__ l_part,                       \
         const float* __restrict__ hist, float* __restrict__ out_exact, float* __restrict__ hist_out, float scale, \
-        int Ts, int Tc, int Tw, int S, int Hkv, int G, int hd, int CMKv) {                                       \
+        int Ts, int Tc, int Tw, int S, int Hkv, int G, int hd, int CMKv, long long wk_stride_b,                   \
+        long long wk_stride_h, long long wv_stride_b, long long wv_stride_h) {                                   \
         decode_merge<T>(q, sink_k, sink_v, win_k, win_v, valid, valid_len, m_part, l_part, hist, out_exact,     \
-                        hist_out, scale, Ts, Tc, Tw, S, Hkv, G, hd, CMKv);                                       \
+                        hist_out, scale, Ts, Tc, Tw, S, Hkv, G, hd, CMKv, wk_stride_b, wk_stride_h, wv_stride_b, \
+                        wv_stride_h);                                                                            \
     }
 
 GSRQ_MERGE(gsrq_decode_attention_merge_f32, float)

@@ -19,7 +19,7 @@ from gsrq.attention import CompressedKV
 from gsrq.cache import GSRQCache, GSRQLayer, generate_cache_kwarg, model_shapes
 from gsrq.config import GSRQConfig, KindConfig
 from gsrq.engine import ResidualQuantizer
-from gsrq.errors import ConfigError, ModelMismatchError, ShapeError
+from gsrq.errors import ConfigError, InvalidValueError, ModelMismatchError, ShapeError
 from gsrq.quantizer import KVQuantizer
 
 KIND = KindConfig(D=8, Kc=16, M=2)  # 2 chunks x 2 stages x 4 bits = 1 bit per element
@@ -296,10 +296,17 @@ def test_crop(codebooks) -> None:
     rk, _ = layer.update(K[:, :, 10:11], V[:, :, 10:11])  # returns 11 tokens
     layer.crop(-4)  # 7 left: 2 sinks, 5 coded, empty window
     assert (layer.num_sink, layer.num_coded, layer.num_window) == (2, 5, 0)
-    for name in GSRQLayer._STATE:  # cropped tensors do not pin their old buffers
+    # crop moves no data; shrink_to_fit then releases the buffers' spare capacity
+    before = layer.memory_report()
+    assert before["reserved"] > before["codes"] + before["exact"]
+    layer.shrink_to_fit()
+    assert (layer.num_sink, layer.num_coded, layer.num_window) == (2, 5, 0)
+    for name in GSRQLayer._STATE:  # shrunk tensors do not pin their old buffers
         t = getattr(layer, name)
         if t is not None and t.numel():
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+    after = layer.memory_report()
+    assert after["reserved"] == after["codes"] + after["exact"] and after["codes"] == before["codes"]
     nk, _ = layer.update(K[:, :, 7:8], V[:, :, 7:8])
     torch.testing.assert_close(nk[:, :, :7], rk[:, :, :7], rtol=0, atol=0)
     torch.testing.assert_close(nk[:, :, 7], K[:, :, 7], rtol=0, atol=0)
@@ -418,16 +425,19 @@ def test_memory_bytes_hand_count(model, codebooks) -> None:
     exact = layers * 2 * B * Hkv * (2 + 3) * hd * 4  # fp32 model
     R = 2  # 2 chunks x 2 stages x 4 bits = 16 bits
     codes = layers * 2 * B * Hkv * (T - 5) * R
-    assert cache.memory_report() == {"codes": codes, "norms": 0, "exact": exact, "codebooks": 0, "total": codes + exact}
+    report = cache.memory_report()
+    reserved = report.pop("reserved")
+    assert report == {"codes": codes, "norms": 0, "exact": exact, "codebooks": 0, "total": codes + exact}
     assert cache.memory_bytes() == codes + exact
-    # what is counted is all that is held: no tensor is a view into a bigger buffer
+    # reserved is all that is held: every storage behind the state, spare capacity included
     held = {
         t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
         for layer in cache.layers
         for name in GSRQLayer._STATE
         if (t := getattr(layer, name)) is not None and t.numel()
     }
-    assert sum(held.values()) == codes + exact
+    assert sum(held.values()) == reserved == cache.reserved_bytes() == cache.memory_bytes(reserved=True)
+    assert reserved > codes + exact
     assert all(layer.batch_size == B for layer in cache.layers)
     books = layers * 2 * (2 * 2 * 16 * 8) * 2  # [1, C=2, M=2, Kc=16, D=8] in 16 bits
     assert cache.codebook_bytes() == books
@@ -511,7 +521,8 @@ def test_key_levers_in_cache(codebooks) -> None:
     torch.testing.assert_close(layer.key_norms, (K[:, :, 1:7] @ hadamard_matrix(16) / scale).norm(dim=-1).half())
     torch.testing.assert_close(rk[:, :, 1:6], kq.fake_quant(K[:, :, 1:6]), rtol=0, atol=1e-5)
     view = layer.compressed_view()
-    assert view.key_norms is layer.key_norms and view.query_map.shape == (1, 16, 16) and view.value_map is None
+    assert view.key_norms.data_ptr() == layer.key_norms.data_ptr() and torch.equal(view.key_norms, layer.key_norms)
+    assert view.query_map.shape == (1, 16, 16) and view.value_map is None
     mem = layer.memory_report()
     assert mem["norms"] == 2 * 2 * 6 * 2
     assert mem["codes"] == 2 * (2 * 2 * 6 * 2)
@@ -530,3 +541,237 @@ def test_early_initialization_and_bf16(model, codebooks) -> None:
     assert cache.layers[0].sink_keys.dtype == torch.bfloat16 and cache.layers[0].num_coded > 0
     same = generate(bf, ids, make_cache(codebooks, bf, window=64))
     torch.testing.assert_close(same, generate(bf, ids, DynamicCache()), rtol=0, atol=0)
+
+
+# ============================================================ fused decode hook and left padding
+def fused_model(model):
+    """A copy of the model attending with attn_implementation="gsrq" (and tracking padding)."""
+    from gsrq.attention import enable_fused_attention
+
+    return enable_fused_attention(copy.deepcopy(model))
+
+
+def calls(kind: str = "reference") -> int:
+    from gsrq import attention
+
+    return attention.CALLS[kind]
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_fused_hook_generation_matches_dense_path(model, codebooks, beams) -> None:
+    """attn_implementation="gsrq" + GSRQCache (decode steps over the packed codes, the torch reference
+    of the fused kernels on the CPU) generates what the dense reconstruction path generates."""
+    ids = prompt(12, seed=40, batch=2)
+    steps = 10
+    dense_cache = make_cache(codebooks, model, sinks=2, window=3)
+    assert not dense_cache.layers[0].fused_active()  # the model attends with sdpa
+    dense = generate(model, ids, dense_cache, max_new_tokens=steps, num_beams=beams)
+    fm = fused_model(model)
+    assert fm.config._attn_implementation == "gsrq"
+    cache = make_cache(codebooks, fm, sinks=2, window=3)
+    assert all(layer.fused_active() for layer in cache.layers)
+    before = calls()
+    out = generate(fm, ids, cache, max_new_tokens=steps, num_beams=beams)
+    # every decode step of every layer went through decode_attention (steps - 1 after the prefill)
+    assert calls() - before == (steps - 1) * 2
+    torch.testing.assert_close(out, dense, rtol=0, atol=0)
+    assert cache.layers[0].num_coded > 0
+    # and the codes matter on this path too: exact attention generates differently
+    if beams == 1:
+        assert not torch.equal(out, generate(model, ids, DynamicCache(), max_new_tokens=steps))
+
+
+def test_fused_decode_logits_match_dense(model, codebooks) -> None:
+    """One decode step: the hook's logits equal the dense path's to float rounding."""
+    ids = prompt(14, seed=41, batch=2)
+    fm = fused_model(model)
+    caches = [make_cache(codebooks, m, sinks=2, window=2) for m in (model, fm)]
+    outs = []
+    with torch.no_grad():
+        for m, c in zip((model, fm), caches):
+            m(input_ids=ids, use_cache=True, **{CACHE_KW: c})
+            outs.append(m(input_ids=ids[:, -1:], use_cache=True, **{CACHE_KW: c}).logits)
+    assert caches[1].layers[0].num_coded == 11  # 15 tokens: 2 sinks, 11 coded, 2 exact
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_modes(model, codebooks) -> None:
+    ids = prompt(8, seed=42)
+    # fused=False keeps the dense path even when the model attends with "gsrq"
+    fm = fused_model(model)
+    off = make_cache(codebooks, fm, fused=False)
+    before = calls()
+    generate(fm, ids, off, max_new_tokens=4)
+    assert calls() == before
+    # fused=True on a model that does not attend with "gsrq": the placeholder is not read -> error
+    on = make_cache(codebooks, model, fused=True)
+    with pytest.raises(ConfigError, match="attn_implementation='gsrq'"):
+        generate(model, ids, on, max_new_tokens=4)
+    with pytest.raises(ConfigError, match="fused"):
+        make_cache(codebooks, model, fused="yes")
+    checked = make_cache(codebooks, model, check_values=True).layers[1]
+    assert checked.key_quantizer.check_values is True and checked.value_quantizer.check_values is True
+
+
+def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    P = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), P, dtype=torch.long)
+    mask = torch.zeros(len(rows), P, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, P - len(r) :], mask[i, P - len(r) :] = r, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_left_padding_matches_unpadded_rows(model, codebooks, fused) -> None:
+    """A left-padded batch generates, row by row, what each row generates alone (codes, sinks, window)."""
+    rows = [prompt(n, seed=50 + n)[0] for n in (13, 10, 8)]  # 0, 3 and 5 padding tokens
+    ids, mask = left_padded(rows)
+    from gsrq.cache import track_padding
+
+    m = fused_model(model) if fused else track_padding(copy.deepcopy(model))
+    steps = 8
+    cache = make_cache(codebooks, m, sinks=2, window=2)
+    before = calls()
+    out = generate(m, ids, cache, mask=mask, max_new_tokens=steps)
+    assert (calls() - before > 0) == fused
+    layer = cache.layers[0]
+    assert layer.head_positions is not None and layer.head_positions.tolist()[2][:7] == [5, 6, 0, 1, 2, 3, 4]
+    for i, r in enumerate(rows):
+        single_cache = make_cache(codebooks, m, sinks=2, window=2)
+        single = generate(m, r[None], single_cache, max_new_tokens=steps)
+        torch.testing.assert_close(out[i, ids.shape[1] :], single[0, len(r) :], rtol=0, atol=0)
+        # the stored sinks are the row's first real tokens, as in its unpadded run
+        for got, want in zip(cache.layers, single_cache.layers):
+            torch.testing.assert_close(got.sink_keys[i], want.sink_keys[0])
+            torch.testing.assert_close(got.window_values[i], want.window_values[0])
+    # without the padding information the padded rows' sinks are padding tokens and the codes differ
+    plain = make_cache(codebooks, model, sinks=2, window=2)
+    generate(model, ids, plain, mask=mask, max_new_tokens=steps)
+    assert not torch.allclose(plain.layers[0].sink_keys[2], cache.layers[0].sink_keys[2])
+
+
+def test_left_padding_beam_search(model, codebooks) -> None:
+    from gsrq.cache import track_padding
+
+    rows = [prompt(n, seed=60 + n)[0] for n in (11, 7)]
+    ids, mask = left_padded(rows)
+    m = track_padding(fused_model(model))
+    out = generate(m, ids, make_cache(codebooks, m, sinks=2, window=1), mask=mask, num_beams=2, max_new_tokens=8)
+    for i, r in enumerate(rows):
+        single = generate(m, r[None], make_cache(codebooks, m, sinks=2, window=1), num_beams=2, max_new_tokens=8)
+        torch.testing.assert_close(out[i, ids.shape[1] :], single[0, len(r) :], rtol=0, atol=0)
+
+
+def test_padding_errors(model, codebooks) -> None:
+    cache = make_cache(codebooks, model, sinks=2, window=1)
+    with pytest.raises(InvalidValueError, match="without any token"):
+        cache.set_padding(torch.tensor([[0, 0, 0], [1, 1, 1]]))
+    with pytest.raises(ShapeError, match="batch, prompt"):
+        cache.set_padding(torch.ones(3))
+    cache.set_padding(torch.tensor([[0, 1, 1, 1]]))  # one row known, two rows come
+    with pytest.raises(ShapeError, match="padding is known for 1 rows"):
+        with torch.no_grad():
+            model(input_ids=prompt(4, batch=2), use_cache=True, **{CACHE_KW: cache})
+    cache = make_cache(codebooks, model, sinks=2, window=1)
+    cache.set_padding(torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]))
+    with torch.no_grad():
+        model(input_ids=prompt(6, batch=2), use_cache=True, **{CACHE_KW: cache})
+    with pytest.raises(ConfigError, match="before the first"):
+        cache.set_padding(None)
+    with pytest.raises(InvalidValueError, match="out of sequence order"):
+        cache.crop(2)
+    cache.crop(5)  # beyond the reordered head: fine
+    assert cache.get_seq_length() == 5
+
+
+# =================================================================== growable storage
+def _buffers(layer):
+    return layer._kc_buf.data_ptr(), layer._vc_buf.data_ptr(), layer._wk_buf.data_ptr(), layer._wv_buf.data_ptr()
+
+
+@pytest.mark.parametrize("sinks,window", [(2, 4), (0, 0)])
+def test_long_decode_amortised_storage(codebooks, sinks, window) -> None:
+    """A long decode loop reallocates O(log T) times, writes in place in between, and stays exact."""
+    import gsrq.cache as gc
+
+    g = torch.Generator().manual_seed(21)
+    B, Hkv, hd, prompt, T = 1, 2, 16, 10, 700
+    K = torch.randn(B, Hkv, T, hd, generator=g)
+    V = torch.randn(B, Hkv, T, hd, generator=g)
+    layer = layer_of(codebooks, sinks, window)
+    kq, vq = layer.key_quantizer, layer.value_quantizer
+    layer.update(K[:, :, :prompt], V[:, :, :prompt])
+    ptrs, caps = _buffers(layer), [layer.code_capacity]
+    start = layer.reallocations
+    moves = 0
+    for L in range(prompt + 1, T + 1):
+        w0 = layer._w0
+        view = layer.append(K[:, :, L - 1 : L], V[:, :, L - 1 : L])
+        moves += layer._w0 < w0  # the window run went back to the buffer's front
+        now = _buffers(layer)
+        if layer.code_capacity != caps[-1]:
+            caps.append(layer.code_capacity)
+        else:  # within capacity nothing moved: the new row was written in place
+            assert now[:2] == ptrs[:2]
+        assert now[2:] == ptrs[2:]  # the window buffer is never reallocated while decoding
+        ptrs = now
+        if L % 97 == 0 or L == T:  # the view handed to attention equals the dense oracle
+            ek, ev = expected_return(kq, vq, K[:, :, :L], V[:, :, :L], L - 1, sinks, window)
+            rk, rv = layer.reconstruct(view)
+            torch.testing.assert_close(rk, ek, rtol=0, atol=1e-6)
+            torch.testing.assert_close(rv, ev, rtol=0, atol=1e-6)
+    tc = T - sinks - window
+    assert layer.num_coded == tc and layer.code_capacity >= tc
+    # geometric growth: capacities grow by GROWTH (at least MIN_CODE_CHUNK), so O(log T) reallocations
+    for a, b in zip(caps, caps[1:]):
+        assert b == max(int(a * gc.GROWTH), a + gc.MIN_CODE_CHUNK)
+    assert layer.reallocations - start == len(caps) - 1 <= 4
+    slack = layer.window_capacity - window
+    assert moves <= (T - prompt) // slack + 1
+    # stored rows are exactly the encodings of the coded tokens (an independent encode of the same tokens)
+    torch.testing.assert_close(layer.key_codes, kq.encode(K[:, :, sinks : sinks + tc]).packed, rtol=0, atol=0)
+    torch.testing.assert_close(layer.value_codes, vq.encode(V[:, :, sinks : sinks + tc]).packed, rtol=0, atol=0)
+    torch.testing.assert_close(layer.window_keys, K[:, :, T - window :], rtol=0, atol=0)
+
+
+def test_storage_accounting_and_shrink(codebooks) -> None:
+    g = torch.Generator().manual_seed(22)
+    B, Hkv, hd, T, sinks, window = 2, 2, 16, 40, 2, 3
+    K = torch.randn(B, Hkv, T, hd, generator=g)
+    V = torch.randn(B, Hkv, T, hd, generator=g)
+    layer = layer_of(codebooks, sinks, window)
+    layer.update(K[:, :, :20], V[:, :, :20])
+    for t in range(20, 30):
+        layer.update(K[:, :, t : t + 1], V[:, :, t : t + 1])
+    R, tc = 2, 30 - sinks - window
+    in_use = {"codes": 2 * B * Hkv * tc * R, "norms": 0, "exact": 2 * B * Hkv * (sinks + window) * hd * 4}
+    rep = layer.memory_report()
+    assert {k: rep[k] for k in in_use} == in_use
+    reserved = 2 * B * Hkv * layer.code_capacity * R + 2 * B * Hkv * (sinks + layer.window_capacity) * hd * 4
+    assert rep["reserved"] == reserved > sum(in_use.values())
+    # the cache-level figures: bits_per_element counts the bytes in use, not the capacity
+    cache = GSRQCache([layer.key_quantizer], [layer.value_quantizer], sinks=sinks, window=window)
+    cache.layers[0] = layer
+    assert cache.memory_bytes() == sum(in_use.values()) and cache.reserved_bytes() == reserved
+    assert cache.bits_per_element() == pytest.approx(8 * sum(in_use.values()) / (2 * B * Hkv * 30 * hd))
+    # batch ops keep the capacity and the contents
+    cap = layer.code_capacity
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert layer.code_capacity == cap and layer.memory_report() == rep
+    layer.reorder_cache(torch.tensor([1, 0]))
+    # shrink_to_fit: reserved == in use, same state, and decoding carries on exactly
+    ref = layer_of(codebooks, sinks, window)
+    ref.update(K[:, :, :30], V[:, :, :30])
+    cache.shrink_to_fit()
+    rep2 = layer.memory_report()
+    assert rep2["reserved"] == sum(in_use.values()) and {k: rep2[k] for k in in_use} == in_use
+    for name in GSRQLayer._STATE:
+        a, b = getattr(layer, name), getattr(ref, name)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for t in range(30, T):
+        rk, rv = layer.update(K[:, :, t : t + 1], V[:, :, t : t + 1])
+        ek, ev = ref.update(K[:, :, t : t + 1], V[:, :, t : t + 1])
+        torch.testing.assert_close(rk, ek, rtol=0, atol=0)
+        torch.testing.assert_close(rv, ev, rtol=0, atol=0)

@@ -101,7 +101,7 @@ def _rmsnorm_in_input_dtype(self, hidden_states):
 
 
 def test_gradients_match_finite_differences(monkeypatch):
-    from conftest import make_tiny_llama
+    from gsrq_testing import make_tiny_llama
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     monkeypatch.setattr(LlamaRMSNorm, "forward", _rmsnorm_in_input_dtype)
@@ -194,11 +194,12 @@ def test_training_samples_are_captured_chunks(tiny_llama, byte_tokenizer):
     assert cal_meta["positions_skipped_per_window"] == 3
 
 
-def test_key_levers_code_domain(tiny_llama, byte_tokenizer):
+@pytest.mark.parametrize("per_head", [False, True])
+def test_key_levers_code_domain(tiny_llama, byte_tokenizer, per_head):
     """Rotation, channel scale and norm: codewords (Kc == samples, KM) are transformed key chunks."""
     cfg = GSRQConfig(
         keys=KindConfig(D=16, Kc=40, M=1), values=KindConfig(D=16, Kc=40, M=1), method="km", max_samples=40,
-        key_rotation="hadamard_signs", key_scale=True, key_norm=True, sinks=2, seed=5,
+        key_rotation="hadamard_signs", key_scale=True, key_norm=True, sinks=2, seed=5, per_head=per_head,
     )  # fmt: skip
     cbs = cal.calibrate(tiny_llama, byte_tokenizer, TEXT, cfg, tokens=192, seq_len=64, progress=False, heldout_fraction=0.0, storage_dtype="float32")
     from gsrq.data import token_windows
@@ -212,17 +213,42 @@ def test_key_levers_code_domain(tiny_llama, byte_tokenizer):
         assert set(np.unique(signs)) <= {-1.0, 1.0} and (signs == -1).any()
         y = (keys[layer].double().numpy() * signs) @ (h / np.sqrt(32))  # [3, H, 64, 32] rotated
         y = y[:, :, 2:]  # positions >= sinks
-        scale_ref = np.sqrt((y**2).mean(axis=(0, 2)))  # [H, 32]
+        # RMS per channel: per KV head with per-head codebooks, pooled over the heads when shared
+        scale_ref = np.sqrt((y**2).mean(axis=(0, 2))) if per_head else np.sqrt((y**2).mean(axis=(0, 1, 2)))[None]
         scale = np.array(cbs.aux(layer, "keys", "scale"))
         np.testing.assert_allclose(scale, scale_ref, rtol=1e-4)
-        u = y / scale_ref[None, :, None, :]
+        u = y / (scale_ref[None, :, None, :] if per_head else scale_ref[None, None])
         u = u / np.linalg.norm(u, axis=-1, keepdims=True)
-        cand = torch.from_numpy(u.reshape(-1, 2, 16))  # [samples, C, D]
-        book = torch.from_numpy(np.array(cbs.codebooks(layer, "keys"))).double()  # [1, 2, 1, 40, 16]
+        book = torch.from_numpy(np.array(cbs.codebooks(layer, "keys"))).double()  # [Hc, 2, 1, 40, 16]
+        for hh in range(book.shape[0]):
+            mine = u[:, hh] if per_head else u
+            cand = torch.from_numpy(np.ascontiguousarray(mine).reshape(-1, 2, 16))  # [samples, C, D]
+            for c in range(2):
+                d = torch.cdist(book[hh, c, 0], cand[:, c], compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+                assert d.max() < 1e-4
+    assert cbs.aux(0, "values", "scale") is None
+
+
+def test_key_levers_agree_with_quantizer(tiny_llama, byte_tokenizer):
+    """The cache's KVQuantizer maps captured keys into the domain the codebooks were trained in."""
+    quantizer = pytest.importorskip("gsrq.quantizer")
+    cfg = GSRQConfig(
+        keys=KindConfig(D=16, Kc=40, M=1), values=KindConfig(D=16, Kc=40, M=1), method="km", max_samples=40,
+        key_rotation="hadamard_signs", key_scale=True, key_norm=True, sinks=2, seed=6,
+    )  # fmt: skip
+    cbs = cal.calibrate(tiny_llama, byte_tokenizer, TEXT, cfg, tokens=192, seq_len=64, progress=False, heldout_fraction=0.0, storage_dtype="float32")
+    from gsrq.data import token_windows
+
+    keys, *_ = cal.capture_kv(tiny_llama, token_windows(byte_tokenizer, TEXT, 64, 192), grad=False)
+    for layer in range(2):
+        q = quantizer.KVQuantizer.from_codebooks(cbs, layer, "keys")
+        y, norms = q.to_code_domain(keys[layer].float())
+        assert norms is not None
+        cand = y[:, :, 2:63].reshape(-1, 2, 16).double()
+        book = torch.from_numpy(np.array(cbs.codebooks(layer, "keys"))).double()
         for c in range(2):
             d = torch.cdist(book[0, c, 0], cand[:, c], compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
             assert d.max() < 1e-4
-    assert cbs.aux(0, "values", "scale") is None
 
 
 @pytest.mark.parametrize("mode", ["all", "init", "off"])

@@ -186,3 +186,106 @@ def test_decode_attention_kernels(on_emulator, case):
     # the float32 result before the cast is tight
     out32 = attention._decode_attention_cuda(q.float(), ckv, scale)
     torch.testing.assert_close(out32, ref, atol=2e-5, rtol=1e-4)
+
+
+def _in_buffer(t: torch.Tensor, capacity: int, seed: int) -> torch.Tensor:
+    """``t`` ``[B, Hkv, T, ...]`` as the view ``[:, :, :T]`` of a garbage-filled buffer of ``capacity`` tokens."""
+    shape = list(t.shape)
+    shape[2] = capacity
+    g = torch.Generator().manual_seed(seed)
+    if t.dtype == torch.uint8:
+        buf = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    else:
+        buf = torch.full(shape, float("nan"), dtype=t.dtype)  # any read past the view poisons the result
+    buf[:, :, : t.shape[2]] = t
+    view = buf[:, :, : t.shape[2]]
+    assert not view.is_contiguous() or t.shape[0] * t.shape[1] == 1
+    return view
+
+
+STRIDED_CASES = [
+    # B, Hkv, G, hd, Ts, Tc, Tw, key cfg, value cfg, extras
+    (2, 2, 2, 64, 2, 300, 3, (64, 256, 8), (64, 256, 8), {"dtype": torch.float16}),  # 32-bit word reads
+    (2, 1, 3, 64, 0, 150, 2, (16, 256, 2), (32, 200, 3), {"dtype": torch.float32, "key_norms": True, "padding": 9}),
+]
+
+
+@pytest.mark.parametrize("case", STRIDED_CASES, ids=[f"strided{i}" for i in range(len(STRIDED_CASES))])
+def test_decode_attention_on_buffer_views(on_emulator, monkeypatch, case):
+    """Codes, key norms and the exact window handed over as views into larger buffers are read in place (no copy)."""
+    B, Hkv, G, hd, Ts, Tc, Tw, kcfg, vcfg, extra = case
+    extra = dict(extra)
+    dtype = extra.pop("dtype")
+    dense = random_compressed_kv(B, Hkv, hd, sinks=Ts, coded=Tc, window=Tw, key_cfg=kcfg, value_cfg=vcfg,
+                                 dtype=dtype, seed=Tc + 1, **extra)
+    cap = Tc + 37
+    fields = {f.name: getattr(dense, f.name) for f in attention.dataclasses.fields(dense)}
+    fields["key_codes"] = _in_buffer(dense.key_codes, cap, 1)
+    fields["value_codes"] = _in_buffer(dense.value_codes, cap, 2)
+    if dense.key_norms is not None:
+        fields["key_norms"] = _in_buffer(dense.key_norms, cap, 3)
+    fields["window_keys"] = _in_buffer(dense.window_keys, Tw + 5, 4)
+    fields["window_values"] = _in_buffer(dense.window_values, Tw + 5, 5)
+    strided = attention.CompressedKV(**fields)
+
+    passed = []
+    real_rows, real_norms = attention._rows_view, attention._norms_view
+
+    def rows(t):
+        out = real_rows(t)
+        passed.append(out.data_ptr() == t.data_ptr() and out.stride() == t.stride())
+        return out
+
+    def norms(t):
+        out = real_norms(t)
+        passed.append(out.data_ptr() == t.data_ptr() and out.stride() == t.stride())
+        return out
+
+    real_window = attention._window_view
+
+    def window(t):
+        out = real_window(t)
+        passed.append(out.data_ptr() == t.data_ptr() and out.stride() == t.stride())
+        return out
+
+    monkeypatch.setattr(attention, "_rows_view", rows)
+    monkeypatch.setattr(attention, "_norms_view", norms)
+    monkeypatch.setattr(attention, "_window_view", window)
+    q = (torch.randn(B, Hkv * G, hd, generator=torch.Generator().manual_seed(2)) * 2).to(dtype)
+    scale = 1 / math.sqrt(hd)
+    out = attention._decode_attention_cuda(q, strided, scale)
+    assert isinstance(out, torch.Tensor), out
+    assert passed == [True] * (5 if dense.key_norms is not None else 4)  # the views went to the kernels as they are
+    ref = fused_decode_attention_ref(q.float(), dense, scale)
+    tol = {torch.float16: 2e-3, torch.float32: 2e-5}[dtype]
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    if kcfg[1] == 256 and (hd // kcfg[0]) * kcfg[2] % 4 == 0:
+        assert attention._word_reads(strided.key_codes, dense.key_bits)
+
+
+def test_decode_attention_on_cache_layer_views(on_emulator):
+    """A GSRQLayer's stored state (views into its growable buffers) through the kernels equals the reference."""
+    from gsrq.cache import GSRQLayer
+    from gsrq.config import KindConfig
+    from gsrq.quantizer import KVQuantizer
+
+    hd, Hkv, B = 64, 2, 2
+    g = torch.Generator().manual_seed(7)
+    kc = KindConfig(16, 256, 2)
+    books = torch.randn(1, hd // 16, 2, 256, 16, generator=g) * torch.tensor([1.0, 0.5]).view(1, 1, 2, 1, 1)
+    kq = KVQuantizer(books, kc, norm=True, engine="torch")
+    vq = KVQuantizer(books.clone(), kc, engine="torch")
+    layer = GSRQLayer(kq, vq, sinks=2, window=3)
+    K = torch.randn(B, Hkv, 60, hd, generator=g).half()
+    V = torch.randn(B, Hkv, 60, hd, generator=g).half()
+    layer.update(K[:, :, :40], V[:, :, :40])
+    for t in range(40, 60):
+        layer.update(K[:, :, t : t + 1], V[:, :, t : t + 1])
+    view = layer.compressed_view()
+    assert view.key_codes.shape[2] == 55 and layer.code_capacity > 55  # a view into a larger buffer
+    assert view.key_codes.data_ptr() == layer._kc_buf.data_ptr() and not view.key_codes.is_contiguous()
+    q = (torch.randn(B, 2 * Hkv, hd, generator=g) * 2).half()
+    out = attention._decode_attention_cuda(q, view, hd**-0.5)
+    assert isinstance(out, torch.Tensor), out
+    ref = fused_decode_attention_ref(q.float(), view, hd**-0.5)
+    torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)

@@ -253,7 +253,11 @@ def test_bad_input_raises() -> None:
     with pytest.raises(InvalidValueError, match="positive"):
         KVQuantizer(books, kc, scale=-torch.ones(16))
     with pytest.raises(ConfigError, match="engine"):
-        KVQuantizer(books, kc, engine="cuda")
+        KVQuantizer(books, kc, engine="gpu")
+    with pytest.raises(ConfigError, match="CUDA device"):
+        KVQuantizer(books, kc, engine="cuda").encode(torch.randn(1, 2, 1, 16))
+    with pytest.raises(ConfigError, match="check_values"):
+        KVQuantizer(books, kc, check_values="yes")
     with pytest.raises(ConfigError, match="beam"):
         KVQuantizer(books, kc, beam=2, engine="torch").encode(torch.randn(1, 2, 1, 16))
 
@@ -298,3 +302,128 @@ def test_matches_engine_residual_quantizer() -> None:
             ref = rq.encode(xs)
             np.testing.assert_array_equal(codes[..., c, :].reshape(-1, 3).numpy(), ref)
             np.testing.assert_allclose(rec[..., c * 8 : (c + 1) * 8].reshape(-1, 8).numpy(), rq.decode(ref), atol=1e-5)
+
+
+# ------------------------------------------------------------ CUDA encode path (kernel on the CPU emulator)
+@pytest.fixture(scope="module")
+def encode_emu(tmp_path_factory):
+    """ctypes handles of the encode kernels compiled from cuda/encode.cu for the CPU emulation (tests/emu)."""
+    import ctypes
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++ (C++20)")
+    from test_kernel_emulation import _kernel_names
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path_factory.mktemp("encode_emu")
+    src = (root / "cuda" / "encode.cu").read_text()
+    names = _kernel_names(src)
+    patched = out / "encode.patched.cu"
+    patched.write_text(src.replace("extern __shared__", "extern"))
+    wrapper = out / "encode.emu.cpp"
+    wrapper.write_text(
+        "\n".join(
+            ['#include "emu_runtime.h"', "alignas(16) unsigned char smem[kEmuSmem];",
+             "namespace { alignas(16) unsigned char smem[kEmuSmem]; }", f'#include "{patched}"']
+            + [f"GSRQ_EMU_EXPORT({n})" for n in names]
+        )
+        + "\n"
+    )
+    so = out / "encode.so"
+    cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", f"-I{root / 'tests' / 'emu' / 'include'}",
+           f"-I{root / 'cuda' / 'include'}", str(wrapper), "-o", str(so)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    lib = ctypes.CDLL(str(so))
+    fns = {}
+    for n in names:
+        fn = getattr(lib, f"emu_{n}")
+        fn.argtypes = [ctypes.c_uint] * 5 + [ctypes.POINTER(ctypes.c_void_p)]
+        fn.restype = None
+        fns[n] = fn
+    return fns
+
+
+@pytest.mark.parametrize("levers", [False, True])
+@pytest.mark.parametrize("T, variant", [(1, "rows"), (13, "tiled")])  # a decode step and a (small) prefill
+def test_encode_cuda_path_matches_rust(encode_emu, monkeypatch, levers, T, variant) -> None:
+    """KVQuantizer.encode through the CUDA branch (real host code and kernel source, emulated on the CPU)
+    gives the packed rows of the Rust encoder, for [B, Hkv, T, hd] in any batch/head/token layout."""
+    import ctypes
+
+    from gsrq import kernels
+    from test_kernel_emulation import _ctype
+
+    launched = []
+
+    def launch(name, device_index, grid, block, shmem, *args):
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        vals = [_ctype(a) for a in args]
+        params = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
+        encode_emu[name](grid[0], grid[1], grid[2], block[0], int(shmem), params)
+        launched.append(name)
+
+    monkeypatch.setattr(kernels.REGISTRY, "launch", launch)
+    monkeypatch.setattr(kernels, "_check_cuda_tensor", lambda name, t, dtype=None: None)
+    monkeypatch.setattr(kernels, "_device_index", lambda device: 0)
+    monkeypatch.setattr(KVQuantizer, "_use_cuda", lambda self, y: True)
+    if variant == "tiled":  # what auto picks above ROWS_KERNEL_MAX rows; forced here to keep the emulation small
+        monkeypatch.setattr(kernels, "ROWS_KERNEL_MAX", 0)
+
+    kc = KindConfig(D=8, Kc=16, M=3)
+    H = 2 if levers else 1
+    books = make_books(H, 16, kc, seed=3)
+    extra = dict(rotation=hadamard_matrix(16), scale=torch.rand(H, 16) + 0.5, norm=True) if levers else {}
+    if levers:
+        books = books / books.reshape(-1, 8).norm(dim=-1).mean()
+    x = rand_x(3, 2, T, 16, seed=T)
+    got = KVQuantizer(books, kc, engine="auto", **extra).encode(x)
+    assert launched == [f"gsrq_rq_encode_{'rows_' if variant == 'rows' else ''}f32"]
+    want = KVQuantizer(books, kc, engine="rust" if _rust_engine() else "torch", **extra).encode(x)
+    assert got.packed.shape == (3, 2, T, want.packed.shape[-1]) and got.packed.is_contiguous()
+    torch.testing.assert_close(got.packed, want.packed, rtol=0, atol=0)
+    if levers:
+        torch.testing.assert_close(got.norms, want.norms, rtol=0, atol=0)
+
+
+def test_value_checks_only_where_free() -> None:
+    """NaN checks read values on the host: CPU tensors by default, every device with check_values=True."""
+    kc = KindConfig(D=8, Kc=16, M=2)
+    books = make_books(1, 16, kc)
+    meta = torch.empty(1, device="meta")
+    cpu = torch.empty(1)
+    assert KVQuantizer(books, kc)._check_values(cpu) and not KVQuantizer(books, kc)._check_values(meta)
+    assert KVQuantizer(books, kc, check_values=True)._check_values(meta)
+    assert not KVQuantizer(books, kc, check_values=False)._check_values(cpu)
+    x = rand_x(1, 2, 3, 16)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(InvalidValueError, match="NaN"):
+        KVQuantizer(books, kc).encode(x)
+    KVQuantizer(books, kc, check_values=False, engine="torch").encode(x)  # unchecked: codes of garbage, no error
+
+
+def test_encode_cuda_unavailable_falls_back_once(monkeypatch) -> None:
+    """engine='auto' on a GPU whose kernels cannot load: one RuntimeWarning, then the torch reference."""
+    from gsrq import kernels, quantizer
+    from gsrq.errors import KernelUnavailableError
+
+    def unavailable(*a, **k):
+        raise KernelUnavailableError("no manifest (test)")
+
+    monkeypatch.setattr(kernels, "rq_encode_cuda", unavailable)
+    monkeypatch.setattr(KVQuantizer, "_use_cuda", lambda self, y: True)
+    monkeypatch.setattr(quantizer, "_encode_warned", set())
+    kc = KindConfig(D=8, Kc=16, M=2)
+    books = make_books(1, 16, kc)
+    x = rand_x(2, 2, 5, 16)
+    q = KVQuantizer(books, kc)
+    with pytest.warns(RuntimeWarning, match="no manifest"):
+        got = q.encode(x)
+    torch.testing.assert_close(got.packed, KVQuantizer(books, kc, engine="torch").encode(x).packed, rtol=0, atol=0)
+    q.encode(x)  # no second warning (filterwarnings=error would raise)
+    strict = KVQuantizer(books, kc, engine="cuda")
+    with pytest.raises(KernelUnavailableError):
+        strict._encode_cuda(x)

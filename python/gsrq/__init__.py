@@ -36,6 +36,9 @@ _LAZY = {
     "KindConfig": "gsrq.config",
     "calibrate": "gsrq.calibrate",
     "GSRQCache": "gsrq.cache",
+    "track_padding": "gsrq.cache",
+    "enable_fused_attention": "gsrq.attention",
+    "register_transformers_attention": "gsrq.attention",
 }
 
 

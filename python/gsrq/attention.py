@@ -40,6 +40,20 @@ class CompressedKV:
     value_map: ``[H, hd, hd]`` or None — applied to the coded value sum.
     valid: bool ``[B, Ts + Tc + Tw]`` or None — False marks padding, in the
         order sinks, coded, window.
+    positions: int64 ``[B, Th]`` or None — the sequence position of each of
+        the first ``Th`` stored tokens when the cache stores them out of
+        sequence order (a left-padded batch keeps each row's first real tokens
+        as its sinks and moves the padding behind them); stored token
+        ``j >= Th`` is at position ``j``. None: stored in sequence order.
+        Attention itself is order-free; this maps a sequence-order mask onto
+        the stored order (:func:`gsrq_attention_forward`).
+
+    Codes, key norms and the window may be views into larger buffers (a
+    :class:`gsrq.GSRQLayer` hands out ``[:, :, :Tc]`` views of its capacity
+    buffers): the fused kernels read any batch/head strides in place as long
+    as each code row's ``R`` bytes (each window token's ``hd`` elements) are
+    contiguous and rows follow each other along the token axis; other layouts
+    are copied by the launcher.
     """
 
     sink_keys: torch.Tensor
@@ -56,6 +70,7 @@ class CompressedKV:
     query_map: torch.Tensor | None = None
     value_map: torch.Tensor | None = None
     valid: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
     @property
     def num_coded(self) -> int:
@@ -136,6 +151,12 @@ def validate_decode_inputs(q: torch.Tensor, ckv: CompressedKV) -> None:
         T = ckv.num_tokens
         if ckv.valid.dtype != torch.bool or tuple(ckv.valid.shape) != (B, T):
             raise ShapeError(f"valid must be bool [{B}, {T}], got {ckv.valid.dtype} {tuple(ckv.valid.shape)}")
+    if ckv.positions is not None:
+        pos = ckv.positions
+        if pos.dim() != 2 or pos.shape[0] != B or pos.shape[1] > ckv.num_tokens or pos.dtype != torch.int64:
+            raise ShapeError(
+                f"positions must be int64 [{B}, Th <= {ckv.num_tokens}], got {pos.dtype} {tuple(pos.shape)}"
+            )
 
 
 # ---------------------------------------------------------------------------
@@ -309,7 +330,37 @@ def _device_limits(idx: int) -> tuple[int, int]:
 
 def _word_reads(codes: torch.Tensor, bits: int) -> bool:
     """Whether the split kernel may read these packed rows as aligned 32-bit words."""
-    return bits == 8 and codes.shape[3] % 4 == 0 and codes.data_ptr() % 4 == 0
+    return (
+        bits == 8
+        and codes.shape[3] % 4 == 0
+        and codes.data_ptr() % 4 == 0
+        and codes.stride(0) % 4 == 0
+        and codes.stride(1) % 4 == 0
+    )
+
+
+def _rows_view(codes: torch.Tensor) -> torch.Tensor:
+    """``codes`` uint8 ``[B, Hkv, Tc, R]`` as the split kernel reads it: rows of R contiguous bytes, one after
+    another along the token axis; batch and head axes may have any stride (a view into a capacity buffer
+    ``[B, Hkv, capacity, R]`` passes as is). Other layouts are copied."""
+    R = codes.shape[3]
+    if codes.stride(3) == 1 and (codes.shape[2] <= 1 or codes.stride(2) == R):
+        return codes
+    return codes.contiguous()
+
+
+def _window_view(x: torch.Tensor) -> torch.Tensor:
+    """Exact window ``[B, Hkv, Tw, hd]`` as the merge kernel reads it: tokens of ``hd`` contiguous elements one
+    after another (batch/head strides free, e.g. a view of a cache's window buffer); others are copied."""
+    hd = x.shape[3]
+    if x.stride(3) == 1 and (x.shape[2] <= 1 or x.stride(2) == hd):
+        return x
+    return x.contiguous()
+
+
+def _norms_view(norms: torch.Tensor) -> torch.Tensor:
+    """Key norms ``[B, Hkv, Tc]`` with a unit token stride (batch/head strides free); others are copied."""
+    return norms if norms.shape[2] <= 1 or norms.stride(2) == 1 else norms.contiguous()
 
 
 def _decode_attention_cuda(q: torch.Tensor, ckv: CompressedKV, scale: float) -> torch.Tensor | str:
@@ -337,9 +388,10 @@ def _decode_attention_cuda(q: torch.Tensor, ckv: CompressedKV, scale: float) -> 
     f32 = torch.float32
     if S > 0:
         lut = reference.decode_lut(q, ckv, scale).contiguous()
-        kcodes = ckv.key_codes.contiguous()
-        vcodes = ckv.value_codes.contiguous()
-        norms = ckv.key_norms.contiguous() if ckv.key_norms is not None else None
+        # views into a cache's capacity buffers are read in place (batch/head strides passed below)
+        kcodes = _rows_view(ckv.key_codes)
+        vcodes = _rows_view(ckv.value_codes)
+        norms = _norms_view(ckv.key_norms) if ckv.key_norms is not None else None
         m_part = torch.empty(B, Hq, S, dtype=f32, device=dev)
         l_part = torch.empty(B, Hq, S, dtype=f32, device=dev)
         hist = torch.empty(B, Hq, S, cmk_v, dtype=f32, device=dev)
@@ -376,13 +428,19 @@ def _decode_attention_cuda(q: torch.Tensor, ckv: CompressedKV, scale: float) -> 
             np.int32(ckv.value_bits),
             np.int32(vcodes.shape[3]),
             np.int32(_word_reads(vcodes, ckv.value_bits)),
+            np.int64(kcodes.stride(0)),
+            np.int64(kcodes.stride(1)),
+            np.int64(vcodes.stride(0)),
+            np.int64(vcodes.stride(1)),
+            np.int64(norms.stride(0) if norms is not None else 0),
+            np.int64(norms.stride(1) if norms is not None else 0),
         )
     else:
         m_part = l_part = hist = None
     dt = q.dtype
     qc = q.contiguous()
     sk, sv = ckv.sink_keys.to(dt).contiguous(), ckv.sink_values.to(dt).contiguous()
-    wk, wv = ckv.window_keys.to(dt).contiguous(), ckv.window_values.to(dt).contiguous()
+    wk, wv = _window_view(ckv.window_keys.to(dt)), _window_view(ckv.window_values.to(dt))
     out_exact = torch.empty(B, Hq, hd, dtype=f32, device=dev)
     hist_out = torch.empty(B, Hq, cmk_v, dtype=f32, device=dev)
     kernels.REGISTRY.launch(
@@ -412,6 +470,10 @@ def _decode_attention_cuda(q: torch.Tensor, ckv: CompressedKV, scale: float) -> 
         np.int32(G),
         np.int32(hd),
         np.int32(cmk_v),
+        np.int64(wk.stride(0)),
+        np.int64(wk.stride(1)),
+        np.int64(wv.stride(0)),
+        np.int64(wv.stride(1)),
     )
     out = out_exact
     if S > 0:
@@ -442,12 +504,34 @@ def attach_compressed(key: torch.Tensor, ckv: CompressedKV) -> torch.Tensor:
     return key
 
 
+#: Attribute set on a key placeholder once :func:`gsrq_attention_forward` consumed its view.
+CONSUMED_ATTR = "_gsrq_consumed"
+
+
 def _valid_from_mask(mask: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
     """bool ``[B, T]`` from a transformers mask ``[B, 1, q_len, kv_len]`` (bool: True attends; float: 0 attends)."""
     if mask is None:
         return None
     row = mask[:, 0, -1, :num_tokens]
     return row if row.dtype == torch.bool else row == 0
+
+
+def stored_order_valid(valid: torch.Tensor | None, ckv: CompressedKV) -> torch.Tensor | None:
+    """A sequence-order mask ``[B, T]`` (or None) as the bool mask ``[B, T]`` of ``ckv``'s stored order.
+
+    Combines it with ``ckv.valid`` (already in stored order). No host sync.
+    """
+    if valid is not None:
+        valid = valid.to(device=ckv.sink_keys.device, dtype=torch.bool)
+        if valid.shape[0] != ckv.sink_keys.shape[0]:
+            valid = valid.expand(ckv.sink_keys.shape[0], -1)
+        if ckv.positions is not None and ckv.positions.shape[1] > 0:
+            head = valid.gather(1, ckv.positions)
+            valid = torch.cat([head, valid[:, head.shape[1] :]], dim=1)
+        if ckv.valid is not None:
+            valid = valid & ckv.valid
+        return valid.contiguous()
+    return ckv.valid
 
 
 def gsrq_attention_forward(
@@ -465,27 +549,85 @@ def gsrq_attention_forward(
 
     query ``[B, Hq, q_len, hd]``. When ``q_len == 1`` and ``key`` carries a
     :class:`CompressedKV` (:func:`attach_compressed`), returns
-    :func:`decode_attention` over it as ``[B, 1, Hq, hd]``; otherwise (prefill,
-    or a cache that attached nothing) it is transformers' SDPA attention.
+    :func:`decode_attention` over it as ``[B, 1, Hq, hd]`` (the model's mask,
+    in sequence order, becomes the view's ``valid`` in stored order);
+    otherwise (prefill, or a cache that attached nothing) it is transformers'
+    SDPA attention.
     """
     ckv = getattr(key, COMPRESSED_ATTR, None)
     if ckv is None or query.shape[2] != 1:
+        if ckv is not None:
+            from gsrq.errors import ShapeError
+
+            raise ShapeError(f"a compressed view serves one query token, got {query.shape[2]}")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
+    setattr(key, CONSUMED_ATTR, True)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    valid = _valid_from_mask(attention_mask, ckv.num_tokens)
-    if valid is not None:
+    valid = stored_order_valid(_valid_from_mask(attention_mask, ckv.num_tokens), ckv)
+    if valid is not ckv.valid:
         ckv = dataclasses.replace(ckv, valid=valid)
     out = decode_attention(query[:, :, 0], ckv, scale)
     return out.unsqueeze(1), None
 
 
+def is_gsrq_attention(name: object) -> bool:
+    """Whether transformers' attention registry maps ``name`` to :func:`gsrq_attention_forward`."""
+    if not isinstance(name, str):
+        return False
+    try:
+        from transformers import AttentionInterface
+
+        return AttentionInterface._global_mapping.get(name) is gsrq_attention_forward
+    except (ImportError, AttributeError):
+        return False
+
+
 def register_transformers_attention(name: str = "gsrq") -> str:
-    """Register :func:`gsrq_attention_forward` in transformers' attention registry; returns ``name``."""
+    """Register :func:`gsrq_attention_forward` in transformers' attention registry; returns ``name``.
+
+    Also registers SDPA's mask builder under ``name`` (models build their masks
+    through ``ALL_MASK_ATTENTION_FUNCTIONS[attn_implementation]``). After this,
+    ``from_pretrained(..., attn_implementation=name)``,
+    ``model.set_attn_implementation(name)`` and ``LlamaConfig(attn_implementation=name)``
+    all work.
+    """
     from transformers import AttentionInterface
 
     AttentionInterface.register(name, gsrq_attention_forward)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # older 5.x: masks are built per implementation elsewhere
+        return name
+    AttentionMaskInterface.register(name, sdpa_mask)
     return name
+
+
+def enable_fused_attention(model: torch.nn.Module, name: str = "gsrq") -> torch.nn.Module:
+    """Let ``model`` attend through GSRQ's fused decode attention; returns ``model``.
+
+    Registers ``name`` (:func:`register_transformers_attention`), switches the
+    model to it (``model.set_attn_implementation(name)``, or its config's
+    ``_attn_implementation``), and installs :func:`gsrq.cache.track_padding`,
+    so a :class:`gsrq.GSRQCache` learns a left-padded prompt's padding from
+    the attention mask of its first forward call. With a GSRQCache whose
+    ``fused`` is ``"auto"`` (the default) or True, decode steps then run
+    :func:`decode_attention` over the packed codes (fused CUDA kernels on a
+    GPU, the torch reference on the CPU); prefill, and every call without a
+    GSRQCache, is SDPA attention.
+    """
+    from gsrq.cache import track_padding
+
+    register_transformers_attention(name)
+    setter = getattr(model, "set_attn_implementation", None)
+    try:
+        if not callable(setter):
+            raise AttributeError("set_attn_implementation")
+        setter(name)
+    except (AttributeError, TypeError, ValueError):  # older 5.x: the config attribute is what attention reads
+        model.config._attn_implementation = name
+    track_padding(model)
+    return model

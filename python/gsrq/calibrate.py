@@ -325,25 +325,20 @@ def hadamard(n: int) -> np.ndarray:
     return (h / math.sqrt(n)).astype(np.float32)
 
 
-def apply_post_levers(
-    buf: np.ndarray, head_ids: np.ndarray, scale: np.ndarray | None, norm: bool, grad: np.ndarray | None = None
-) -> None:
+def apply_post_levers(buf: np.ndarray, scale: np.ndarray | None, norm: bool, grad: np.ndarray | None = None) -> None:
     """Channel scale then unit norm of key samples, in place (the code domain of the key levers).
 
     buf: float32 ``[Hc, C, n, D]`` (rotated) key chunks; sample ``s`` of every
-    chunk ``c`` is the same token and head. head_ids: int ``[n]``, the KV
-    head of each sample when codebooks are shared (``Hc == 1``). scale:
-    ``[H, head_dim]`` or None: ``y / scale``. norm: divide each head vector by
+    chunk ``c`` is the same token and head. scale: ``[Hc, head_dim]`` (one row
+    per codebook set, as :class:`gsrq.quantizer.KVQuantizer` takes it) or
+    None: ``y / scale``. norm: divide each head vector by
     its l2 norm. grad: the matching ``dL/dy`` ``[Hc, C, n, D]``, turned in place
     into the gradient with respect to the code-domain vector (times scale,
     times norm).
     """
     Hc, C, n, D = buf.shape
     if scale is not None:
-        if Hc == 1:
-            s = scale[head_ids].reshape(n, C, D).transpose(1, 0, 2)[None]  # [1, C, n, D]
-        else:
-            s = scale.reshape(Hc, C, 1, D)
+        s = scale.reshape(Hc, C, 1, D)
         buf /= s
         if grad is not None:
             grad *= s
@@ -475,8 +470,6 @@ def calibrate(
     post_levers = config.key_scale or config.key_norm
     ssq = {layer: torch.zeros(H, hd, dtype=torch.float64) for layer in range(shape.num_layers)} if config.key_scale else {}
     ssq_count = 0
-    slot_head = np.zeros(S, dtype=np.int64)
-    eval_slot_head = np.zeros(eval_plan.selected.size if eval_plan is not None else 0, dtype=np.int64)
 
     # sample buffers [Hc, C, S, D] per (layer, kind); gradient chunk norms [Hc, C, S]
     # (full key gradients [Hc, C, S, D] when key scale/norm change the code domain after capture)
@@ -512,7 +505,6 @@ def calibrate(
             losses.append(loss)
         p = plan if is_train else eval_plan
         dst, heads, pos = p.rows(ordinal)
-        (slot_head if is_train else eval_slot_head)[dst] = heads
         if is_train and config.key_scale:
             ssq_count += seq_len - skip
         for layer in range(shape.num_layers):
@@ -550,15 +542,17 @@ def calibrate(
         if post_levers:
             scale = None
             if config.key_scale:
-                scale = np.sqrt(ssq[layer].numpy() / max(ssq_count, 1)).astype(np.float32)  # [H, hd] RMS
+                # RMS per channel, [Hc, hd]: per KV head with per-head codebooks, pooled over heads when shared
+                sums = ssq[layer].numpy() if per_head else ssq[layer].numpy().sum(axis=0, keepdims=True)
+                scale = np.sqrt(sums / max(ssq_count * (1 if per_head else H), 1)).astype(np.float32)
                 scale = np.maximum(scale, np.float32(1e-6) * max(float(scale.max()), 1e-30))
                 aux[f"layers.{layer}.keys.scale"] = scale
             g = gfull.pop(layer, None)
-            apply_post_levers(bufs[layer, "keys"], slot_head, scale, config.key_norm, g)
+            apply_post_levers(bufs[layer, "keys"], scale, config.key_norm, g)
             if g is not None:
                 gbufs[layer, "keys"] = np.linalg.norm(g, axis=-1)
             if eval_plan is not None:
-                apply_post_levers(ebufs[layer, "keys"], eval_slot_head, scale, config.key_norm)
+                apply_post_levers(ebufs[layer, "keys"], scale, config.key_norm)
         for kind in KINDS:
             kc = config.kind(kind)
             C = hd // kc.D
@@ -615,6 +609,7 @@ def calibrate(
         "seq_len": int(seq_len),
         "windows": {"train": len(train_w), "heldout": len(eval_w)},
         "positions_skipped_per_window": int(skip),
+        "sample_positions": [int(skip), int(seq_len - 1)],  # half-open range of window positions sampled
         "samples_per_codebook": int(S),
         "samples_available_per_codebook": int(len(train_w) * plan.per_window),
         "heldout_samples_per_codebook": int(eval_plan.selected.size) if eval_plan is not None else 0,
@@ -634,6 +629,8 @@ def calibrate(
         },
         "heldout_reconstruction": heldout,
     }
+    if config.key_rotation != "none" or post_levers:
+        calibration["heldout_reconstruction_domain"] = "keys in the code domain of the key levers"
     try:
         import transformers
 

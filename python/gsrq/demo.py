@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctx", type=int, default=512, help="tokens per held-out window")
     parser.add_argument("--windows", type=int, default=4, help="held-out windows")
     parser.add_argument("--sinks", type=int, default=4, help="first tokens kept exact")
-    parser.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens per codebook set")
+    parser.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens per codebook set")
     parser.add_argument("--calib-seq-len", type=int, default=512, help="calibration window length")
     parser.add_argument("--calib-max-samples", type=int, default=8192,
                         help="calibration samples kept per codebook")
@@ -92,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
     specs = [s if not s.startswith(("gsrq", "km")) else f"{s}:max_samples={args.calib_max_samples}"
              for s in DEMO_METHODS]
     methods = [M.parse_method(s) for s in specs]
-    calib = M.CalibrationSettings(tokens=args.calib_tokens, seq_len=args.calib_seq_len, text="wiki")
+    # every calibration window trains (no held-out calibration window: the demo measures held-out perplexity)
+    calib = M.CalibrationSettings(tokens=args.calib_tokens, seq_len=args.calib_seq_len, text="wiki",
+                                  extra={"heldout_fraction": 0.0})
     log(f"calibration: {calib.tokens} tokens of the calibration wiki articles in {calib.seq_len}-token windows, "
         f"at most {args.calib_max_samples} samples per codebook (the full protocol uses 65536 tokens)")
     books = {}

@@ -22,16 +22,25 @@ residual quantization and undone in reverse order after decoding:
 The code domain (what codebooks are trained on) is the output of these steps:
 :meth:`KVQuantizer.to_code_domain`. With no lever the code domain is ``x``.
 
-Encoding runs on the CPU through the Rust engine (``gsrq._gsrq.rq_encode``
-and ``pack_codes``) when the extension provides them, and through the
-pure-torch reference (:mod:`gsrq.reference`) elsewhere, e.g. on a GPU until
-the CUDA encode kernel is wired in. Both are greedy with ties to the lowest
-index. Decoding is a torch gather on the codebooks' device.
+Encoding (``engine="auto"``) runs on the CPU through the Rust engine
+(``gsrq._gsrq.rq_encode`` and ``pack_codes``) when the extension provides
+them, on a CUDA device through the fused encode kernel
+(:func:`gsrq.kernels.rq_encode_cuda`, straight into packed rows), and through
+the pure-torch reference (:mod:`gsrq.reference`) elsewhere (or, after a
+one-time RuntimeWarning, on a GPU whose kernels cannot load). All are greedy
+with ties to the lowest index. Decoding is a torch gather on the codebooks'
+device.
+
+Input checks that need the values (NaN/inf inputs, float16 norm overflow,
+out-of-range packed codes) read them on the host, which on a GPU would
+synchronise every call; by default (``check_values=None``) they run for CPU
+tensors only. ``check_values=True`` checks on every device.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -41,7 +50,7 @@ from gsrq import reference
 from gsrq.config import KINDS, KindConfig
 from gsrq.errors import CodebookFormatError, ConfigError, InvalidValueError, ShapeError
 
-ENGINES = ("auto", "torch", "rust")
+ENGINES = ("auto", "torch", "rust", "cuda")
 
 __all__ = ["ENGINES", "Encoded", "KVQuantizer", "hadamard_matrix", "pack_codes_fast", "unpack_codes_fast"]
 
@@ -130,6 +139,18 @@ def pack_codes_fast(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return reference.pack_codes_torch(codes, bits)
 
 
+_encode_warned: set[str] = set()
+
+
+def _warn_encode_fallback(reason: str) -> None:
+    if reason in _encode_warned:
+        return
+    _encode_warned.add(reason)
+    warnings.warn(
+        f"gsrq: CUDA encode kernel not used ({reason}); encoding with the torch reference", RuntimeWarning, stacklevel=4
+    )
+
+
 class KVQuantizer:
     """Residual quantizer of one layer and one kind.
 
@@ -141,9 +162,12 @@ class KVQuantizer:
         with shared codebooks (``H`` = 1) also ``[Hkv, hd]``, one row per KV head.
     norm: quantize unit vectors and keep float16 per-token norms.
     beam: beam width over residual stages (1: greedy). Beams > 1 need the Rust engine.
-    engine: ``"auto"`` (Rust on CPU tensors when built, torch elsewhere),
-        ``"torch"`` or ``"rust"``.
+    engine: ``"auto"`` (Rust on CPU tensors when built, the CUDA encode kernel
+        on CUDA tensors when it loads, torch elsewhere), ``"torch"``, ``"rust"``
+        or ``"cuda"`` (the kernel or an error).
     threads: Rust engine threads (None: all cores).
+    check_values: check input values (finite, norms within float16, codes < Kc):
+        None checks CPU tensors only (no GPU sync), True every device, False never.
 
     Decoded vectors are float32 (the codebooks are kept in float32 on ``device``).
     """
@@ -160,6 +184,7 @@ class KVQuantizer:
         engine: str = "auto",
         threads: int | None = None,
         device: torch.device | str | None = None,
+        check_values: bool | None = None,
     ) -> None:
         if not isinstance(kind_config, KindConfig):
             raise ConfigError(f"kind_config must be a KindConfig, got {type(kind_config).__name__}")
@@ -192,6 +217,10 @@ class KVQuantizer:
         self.engine = engine
         self.threads = threads
         self.norm = bool(norm)
+        if check_values not in (None, True, False):
+            raise ConfigError(f"check_values must be None, True or False, got {check_values!r}")
+        self.check_values = check_values
+        self._sqnorms: torch.Tensor | None = None
         hd = self.head_dim
 
         self.rotation: torch.Tensor | None = None
@@ -228,6 +257,7 @@ class KVQuantizer:
         *,
         engine: str = "auto",
         threads: int | None = None,
+        check_values: bool | None = None,
     ) -> "KVQuantizer":
         """The quantizer of ``layer`` and ``kind`` of a :class:`gsrq.Codebooks` object.
 
@@ -276,6 +306,7 @@ class KVQuantizer:
             engine=engine,
             threads=threads,
             device=device,
+            check_values=check_values,
         )
 
     def to(self, device: torch.device | str) -> "KVQuantizer":
@@ -288,6 +319,7 @@ class KVQuantizer:
         new.codebooks = self.codebooks.to(device)
         new.rotation = None if self.rotation is None else self.rotation.to(device)
         new.scale = None if self.scale is None else self.scale.to(device)
+        new._sqnorms = None
         return new
 
     # ------------------------------------------------------------- properties
@@ -372,8 +404,12 @@ class KVQuantizer:
             raise ShapeError(f"{name} has {x.shape[1]} KV heads, the key scale has {self.scale.shape[0]} rows")
         if not x.is_floating_point():
             raise ShapeError(f"{name} must be a float tensor, got {x.dtype}")
-        if not bool(torch.isfinite(x).all()):
+        if self._check_values(x) and not bool(torch.isfinite(x).all()):
             raise InvalidValueError(f"{name} contains NaN or inf")
+
+    def _check_values(self, t: torch.Tensor) -> bool:
+        """Whether to run value checks on ``t`` (they read it on the host)."""
+        return self.check_values if self.check_values is not None else t.device.type == "cpu"
 
     def _scale_b(self) -> torch.Tensor:
         # [H, hd] -> broadcastable over [B, Hkv, T, hd]
@@ -396,7 +432,7 @@ class KVQuantizer:
             n = torch.linalg.vector_norm(y, dim=-1)
             y = y / n.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
             norms = n.to(torch.float16)
-            if not bool(torch.isfinite(norms).all()):
+            if self._check_values(norms) and not bool(torch.isfinite(norms).all()):
                 raise InvalidValueError("a key norm overflows float16")
         return y, norms
 
@@ -418,9 +454,9 @@ class KVQuantizer:
 
     # ----------------------------------------------------------------- codes
     def _use_rust(self, y: torch.Tensor) -> Any | None:
-        if self.engine == "torch":
+        if self.engine in ("torch", "cuda"):  # 'cuda' computes unpacked codes with the torch reference
             if self.beam > 1:
-                raise ConfigError("beam > 1 needs the Rust engine; engine='torch' is greedy only")
+                raise ConfigError(f"beam > 1 needs the Rust engine; engine={self.engine!r} is greedy only")
             return None
         eng = _rust_engine()
         if self.engine == "rust" or self.beam > 1:
@@ -487,7 +523,11 @@ class KVQuantizer:
         if packed.dim() != 4 or packed.shape[-1] != self.row_bytes:
             raise ShapeError(f"packed codes must have shape [B, Hkv, T, {self.row_bytes}], got {list(packed.shape)}")
         codes = unpack_codes_fast(packed.to(self.device), self.code_bits, self.codes_per_token)
-        if self.kind_config.Kc < (1 << self.code_bits) and bool((codes >= self.kind_config.Kc).any()):
+        if (
+            self.kind_config.Kc < (1 << self.code_bits)
+            and self._check_values(codes)
+            and bool((codes >= self.kind_config.Kc).any())
+        ):
             raise InvalidValueError(f"packed codes hold a code >= Kc={self.kind_config.Kc}")
         return codes.reshape(*packed.shape[:3], self.num_chunks, self.kind_config.M)
 
@@ -495,10 +535,46 @@ class KVQuantizer:
     def encode(self, x: torch.Tensor) -> Encoded:
         """x float ``[B, Hkv, T, hd]`` -> :class:`Encoded` (packed uint8 ``[B, Hkv, T, R]``, norms or None).
 
-        Tensors come back on the codebooks' device.
+        Tensors come back on the codebooks' device. On a CUDA device the fused
+        encode kernel writes the packed rows (see the class docstring).
         """
         y, norms = self.to_code_domain(x)
-        return Encoded(self.pack(self.codes(y)).to(self.device), norms)
+        packed = self._encode_cuda(y) if self._use_cuda(y) else None
+        if packed is None:
+            packed = self.pack(self.codes(y)).to(self.device)
+        return Encoded(packed, norms)
+
+    def _use_cuda(self, y: torch.Tensor) -> bool:
+        """Whether encode runs the CUDA kernel (raises for engine='cuda' where it cannot)."""
+        if self.engine == "cuda":
+            if not y.is_cuda:
+                raise ConfigError(f"engine='cuda' needs the codebooks on a CUDA device, they are on {y.device}")
+            if self.beam > 1:
+                raise ConfigError("engine='cuda' encodes greedily; beam > 1 needs the Rust engine")
+            return True
+        return self.engine == "auto" and self.beam == 1 and y.is_cuda
+
+    def _codeword_sqnorms(self) -> torch.Tensor:
+        """float32 ``[H, C, M, Kc]`` squared codeword norms (computed once per device)."""
+        if self._sqnorms is None or self._sqnorms.device != self.codebooks.device:
+            self._sqnorms = (self.codebooks**2).sum(-1).contiguous()
+        return self._sqnorms
+
+    def _encode_cuda(self, y: torch.Tensor) -> torch.Tensor | None:
+        """Packed rows ``[B, Hkv, T, R]`` from the CUDA kernel; None (after a warning once) if it cannot run."""
+        from gsrq import kernels
+        from gsrq.errors import KernelUnavailableError
+
+        B, Hkv, T, hd = y.shape
+        x = y.transpose(1, 2).reshape(B * T, Hkv, hd)  # [N, Hkv, hd], token-major as the kernel reads it
+        try:
+            out = kernels.rq_encode_cuda(x, self.codebooks, self.code_bits, norms=self._codeword_sqnorms())
+        except KernelUnavailableError as exc:
+            if self.engine == "cuda":
+                raise
+            _warn_encode_fallback(str(exc))
+            return None
+        return out.view(B, T, Hkv, self.row_bytes).transpose(1, 2).contiguous()
 
     def decode(self, packed: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
         """packed uint8 ``[B, Hkv, T, R]`` (+ float16 norms ``[B, Hkv, T]``) -> float32 ``[B, Hkv, T, hd]``."""

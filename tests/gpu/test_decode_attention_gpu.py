@@ -97,6 +97,25 @@ def test_unaligned_code_rows_are_read_bytewise():
     torch.testing.assert_close(decode_attention(q, ckv, 0.1), want, atol=1e-3, rtol=1e-3)  # shared-memory atomics: summation order varies
 
 
+def test_code_and_norm_views_into_capacity_buffers():
+    """Codes / key norms as views [:, :, :Tc] of larger buffers (a GSRQCache's layout) are read in place."""
+    q, ckv = _make((2, 8, 4, 128, 4, 3000, 8, _cfg(ONE_BIT), {"dtype": torch.float16, "key_norms": True}), seed=9)
+    want = fused_decode_attention_ref(q.float(), ckv, 0.1)
+    Tc = ckv.num_coded
+    for name in ("key_codes", "value_codes", "key_norms"):
+        t = getattr(ckv, name)
+        shape = list(t.shape)
+        shape[2] = Tc + 513
+        buf = torch.full(shape, 255 if t.dtype == torch.uint8 else float("nan"), dtype=t.dtype, device=t.device)
+        buf[:, :, :Tc] = t
+        view = buf[:, :, :Tc]
+        assert not view.is_contiguous()
+        setattr(ckv, name, view)
+    assert attention._rows_view(ckv.key_codes) is ckv.key_codes and attention._norms_view(ckv.key_norms) is ckv.key_norms
+    assert attention._word_reads(ckv.key_codes, ckv.key_bits)
+    torch.testing.assert_close(decode_attention(q, ckv, 0.1).float(), want, atol=2e-3, rtol=2e-3)
+
+
 def test_context_128k():
     case = (1, 8, 4, 128, 4, 131_072 - 4, 0, _cfg(ONE_BIT), {"dtype": torch.float16})
     q, ckv = _make(case, seed=5)

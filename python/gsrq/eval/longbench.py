@@ -356,6 +356,8 @@ def build_input_ids(tokenizer: Any, task: str, sample: dict, max_length: int, ch
         ids = tokenizer(text, truncation=False, add_special_tokens=special)["input_ids"]
     else:
         ids = tokenizer(prompt, truncation=False)["input_ids"]
+    if not ids:
+        raise InvalidValueError(f"a {task} prompt tokenizes to no tokens (after truncation to {max_length})")
     return torch.tensor([ids], dtype=torch.long)
 
 
