@@ -173,10 +173,10 @@ def test_rates_and_cache_bytes():
     g = parse_method("gsrq:1")
     r = rates(g, None, 1024, head_dim=64, num_kv_heads=3, sinks=4, window=0)
     assert r["code"] == 1.0
-    # codes + 16-bit key norms (the preset's key_norm) + 4 exact tokens at 16 bits + per-KV-head codebooks
-    # (3 heads x 1 chunk x 8 stages x 256 x 64 x 16 bits per kind)
-    assert g.config.per_head and g.config.key_norm
-    want = (2 * 1020 * 3 * 64 * 1 + 1020 * 3 * 16 + 2 * 4 * 3 * 64 * 16 + 2 * 3 * 8 * 256 * 64 * 16) / (2 * 1024 * 3 * 64)
+    # codes + 16-bit key norms (the preset's key_norm) + 4 exact tokens at 16 bits + codebooks shared by the
+    # KV heads (1 chunk x 8 stages x 256 x 64 x 16 bits per kind)
+    assert not g.config.per_head and g.config.key_norm
+    want = (2 * 1020 * 3 * 64 * 1 + 1020 * 3 * 16 + 2 * 4 * 3 * 64 * 16 + 2 * 8 * 256 * 64 * 16) / (2 * 1024 * 3 * 64)
     assert math.isclose(r["total"], want)
     r64 = rates(g, None, 1024, head_dim=64, num_kv_heads=3, sinks=4, window=64)
     assert r64["total"] > r["total"]
@@ -287,7 +287,7 @@ def test_cli_ppl_end_to_end(tmp_path, capsys):
 
 
 def test_codebooks_are_calibrated_once_and_reused(tmp_path, monkeypatch):
-    pytest.importorskip("gsrq.calibrate")
+    pytest.importorskip("gsrq.calibration")
     pytest.importorskip("gsrq.quantizer")
     from gsrq.eval import methods as M
 

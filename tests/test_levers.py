@@ -179,7 +179,7 @@ def test_norm_lever_quantizes_unit_vectors():
                                  dict(key_rotation="hadamard", key_norm=True)])
 def test_calibrate_with_levers(tiny_llama, byte_tokenizer, tmp_path, lev):
     """Calibration stores the lever tensors, trains keys in the code domain, and the file serves a cache."""
-    from gsrq.calibrate import calibrate
+    from gsrq.calibration import calibrate
     from gsrq.codebooks import Codebooks
 
     rng = np.random.default_rng(0)

@@ -34,7 +34,7 @@ _LAZY = {
     "reconstruction_metrics": "gsrq.engine",
     "GSRQConfig": "gsrq.config",
     "KindConfig": "gsrq.config",
-    "calibrate": "gsrq.calibrate",
+    "calibrate": "gsrq.calibration",
     "GSRQCache": "gsrq.cache",
     "track_padding": "gsrq.cache",
     "enable_fused_attention": "gsrq.attention",

@@ -14,7 +14,7 @@ from gsrq.errors import GsrqError
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
-    "calibrate": ("gsrq.calibrate", "learn GSRQ codebooks for a model's KV cache"),
+    "calibrate": ("gsrq.calibration", "learn GSRQ codebooks for a model's KV cache"),
     "eval": ("gsrq.eval.cli", "perplexity, reconstruction and LongBench evaluation"),
     "demo": ("gsrq.demo", "calibrate SmolLM2-135M on wiki text and compare caches"),
     "info": ("gsrq.kernels", "GPU, compute capability and CUDA kernels found"),

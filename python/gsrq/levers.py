@@ -6,7 +6,7 @@ this order before residual quantization:
 1. rotation ``y = x @ R``: ``R = H / sqrt(hd)`` (``"hadamard"``) or
    ``diag(signs) @ H / sqrt(hd)`` (``"hadamard_signs"``); the ``±1`` signs
    ``[hd]`` are drawn from the configuration seed and the layer
-   (:func:`rotation_signs`, the same draw as :func:`gsrq.calibrate.calibrate`)
+   (:func:`rotation_signs`, the same draw as :func:`gsrq.calibration.calibrate`)
    and stored as ``layers.{l}.keys.signs``;
 2. per-channel scale ``y = y / scale``: ``scale`` float32 ``[Hkv, hd]`` is the
    root-mean-square of each rotated channel of each KV head over the

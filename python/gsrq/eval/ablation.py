@@ -4,7 +4,7 @@
 
 1. **Capture, once.** Calibration windows (``seq_len`` tokens of the wiki
    calibration articles) run through the model with gradients
-   (:func:`gsrq.calibrate.capture_kv`); from each window a seeded subset of
+   (:func:`gsrq.calibration.capture_kv`); from each window a seeded subset of
    ``per_window`` token positions (never the first ``sinks``) is kept: the
    post-RoPE keys and values of every layer and KV head, float32
    ``[N, H, hd]``, and their loss gradients of the same shape. One more
@@ -89,7 +89,7 @@ def capture(
     from safetensors.numpy import load_file, save_file
     from tqdm.auto import tqdm
 
-    from gsrq.calibrate import capture_kv, freeze, model_shape
+    from gsrq.calibration import capture_kv, freeze, model_shape
     from gsrq.data import calibration_text, token_windows
 
     if windows < 1 or per_window < 1 or per_window > seq_len - sinks:
@@ -154,7 +154,7 @@ def train_quantizers(config: GSRQConfig, cap: Capture, *, threads: int | None = 
     """
     from tqdm.auto import tqdm
 
-    from gsrq.calibrate import _codebook_seed, chunk_norms, gradient_weights
+    from gsrq.calibration import _codebook_seed, chunk_norms, gradient_weights
     from gsrq.engine import ResidualQuantizer
     from gsrq.levers import KeyLevers, fit_key_levers
     from gsrq.quantizer import KVQuantizer

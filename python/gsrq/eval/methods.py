@@ -17,7 +17,7 @@ A method spec is a short string:
 
 Codebooks of ``gsrq``/``km`` specs are looked up in a directory, keyed by a
 hash of the configuration, the model and the calibration settings; missing
-ones are calibrated with :func:`gsrq.calibrate.calibrate` and saved there.
+ones are calibrated with :func:`gsrq.calibration.calibrate` and saved there.
 """
 
 from __future__ import annotations
@@ -258,15 +258,12 @@ def codebook_path(directory: Path, method: Method, model_id: str, hf_config: Any
 
 def run_calibration(model: Any, tokenizer: Any, config: GSRQConfig, calib: CalibrationSettings, *,
                     model_id: str | None = None, progress: bool = True) -> Any:
-    """Calibrate codebooks for ``model`` (via :func:`gsrq.calibrate.calibrate`)."""
-    import importlib
-
+    """Calibrate codebooks for ``model`` (via :func:`gsrq.calibration.calibrate`)."""
     from gsrq import data
-
-    cal = importlib.import_module("gsrq.calibrate")  # the attribute gsrq.calibrate is the function
+    from gsrq.calibration import calibrate
 
     text, summary = data.read_text(calib.text)
-    return cal.calibrate(model, tokenizer, text, config, tokens=calib.tokens, seq_len=calib.seq_len,
+    return calibrate(model, tokenizer, text, config, tokens=calib.tokens, seq_len=calib.seq_len,
                          model_id=model_id, text_summary=summary, progress=progress, **calib.extra)
 
 

@@ -20,7 +20,7 @@ from gsrq.codebooks import Codebooks
 from gsrq.config import GSRQConfig, KindConfig
 from gsrq.errors import CalibrationError, ConfigError
 
-cal = importlib.import_module("gsrq.calibrate")
+cal = importlib.import_module("gsrq.calibration")
 _rng = np.random.default_rng(1234)
 _WORDS = ["".join(_rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=_rng.integers(2, 9))) for _ in range(60)]
 TEXT = " ".join(_rng.choice(_WORDS, size=400))  # ~2400 byte tokens, no repeated passages

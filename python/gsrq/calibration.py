@@ -808,15 +808,3 @@ __all__ = [
     "run",
     "summary_lines",
 ]
-
-
-class _CallableModule(type(sys)):
-    """``gsrq.calibrate`` is both this module and the function: importing the
-    submodule rebinds the package attribute to the module, so the module
-    forwards calls to :func:`calibrate`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return calibrate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
