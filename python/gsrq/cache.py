@@ -384,20 +384,7 @@ class GSRQLayer(CacheLayerMixin):
         key_states = key_states.to(self.dtype)
         value_states = value_states.to(self.dtype)
         first = self.get_seq_length() == 0
-        fields = dict(
-            sink_keys=self.sink_keys,
-            sink_values=self.sink_values,
-            key_codes=self.key_codes,
-            value_codes=self.value_codes,
-            key_codebooks=self.key_quantizer.codebooks,
-            value_codebooks=self.value_quantizer.codebooks,
-            key_bits=self.key_quantizer.code_bits,
-            value_bits=self.value_quantizer.code_bits,
-            key_norms=self.key_norms,
-            query_map=self.key_quantizer.query_map,
-            value_map=None,
-            positions=self.head_positions,
-        )
+        fields = self._stored_fields()  # taken before storing: the view's coded part is what was held
         if first and self.pending_pads is not None:
             win_k, win_v = key_states, value_states  # the view keeps sequence order; the store does not
             self._begin_padding(key_states.shape[2])
@@ -553,7 +540,12 @@ class GSRQLayer(CacheLayerMixin):
         """The stored state as a :class:`CompressedKV` (``valid``: optional bool ``[B, T]`` padding mask)."""
         if not self.is_initialized:
             raise ShapeError("the cache layer holds nothing yet")
-        return CompressedKV(
+        return CompressedKV(window_keys=self.window_keys, window_values=self.window_values, valid=valid,
+                            **self._stored_fields())
+
+    def _stored_fields(self) -> dict[str, Any]:
+        """The :class:`CompressedKV` fields of the sinks, the coded tokens and the codebooks held now."""
+        return dict(
             sink_keys=self.sink_keys,
             sink_values=self.sink_values,
             key_codes=self.key_codes,
@@ -562,12 +554,9 @@ class GSRQLayer(CacheLayerMixin):
             value_codebooks=self.value_quantizer.codebooks,
             key_bits=self.key_quantizer.code_bits,
             value_bits=self.value_quantizer.code_bits,
-            window_keys=self.window_keys,
-            window_values=self.window_values,
             key_norms=self.key_norms,
             query_map=self.key_quantizer.query_map,
             value_map=None,
-            valid=valid,
             positions=self.head_positions,
         )
 
