@@ -25,8 +25,8 @@
 //! With `weights_in_init_only` the weights enter step 1 only and every sample
 //! counts once in step 2 (the authors' reference variant).
 
-use crate::error::{GsrqError, Result};
-use crate::kmeans::{assign_pass, check_finite, initial_centroids, lloyd, validate, Data, Init, Workspace};
+use crate::error::Result;
+use crate::kmeans::{assign_pass, lloyd, start_centroids, validate, Data, Init, Workspace};
 use crate::linalg::{row_norms_sq, Panels, BLOCK};
 
 /// Smallest gain.
@@ -111,20 +111,7 @@ pub fn gskm(
     // 1. Spherical initialisation.
     let (u, norms) = unit_rows(x, d);
     let udata = Data { x: &u, n, d, w: weights };
-    let mut c = match init_centroids {
-        Some(c0) => {
-            if c0.len() != k * d {
-                return Err(GsrqError::Shape(format!(
-                    "init_centroids has {} values, expected k*D = {}",
-                    c0.len(),
-                    k * d
-                )));
-            }
-            check_finite(c0, d, "init_centroids")?;
-            c0.to_vec()
-        }
-        None => initial_centroids(&udata, k, opts.init, opts.seed),
-    };
+    let mut c = start_centroids(&udata, k, opts.init, opts.seed, init_centroids)?;
     let (init_labels, _) = lloyd(&udata, &mut c, k, opts.init_iters);
     drop(u);
     let mut shapes = vec![0f32; k * d];

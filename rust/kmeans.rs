@@ -498,22 +498,35 @@ pub fn kmeans(
 ) -> Result<Clustering> {
     validate(x, n, d, weights, k)?;
     let data = Data { x, n, d, w: weights };
-    let mut c = match init_centroids {
+    let mut c = start_centroids(&data, k, init, seed, init_centroids)?;
+    let (labels, history) = lloyd(&data, &mut c, k, iters);
+    Ok(Clustering { centroids: c, labels, history })
+}
+
+
+/// The centroids Lloyd starts from: `init_centroids` (`k * D` finite values)
+/// when given, else seeded with `init`.
+pub(crate) fn start_centroids(
+    data: &Data<'_>,
+    k: usize,
+    init: Init,
+    seed: u64,
+    init_centroids: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    match init_centroids {
         Some(c0) => {
-            if c0.len() != k * d {
+            if c0.len() != k * data.d {
                 return Err(GsrqError::Shape(format!(
                     "init_centroids has {} values, expected k*D = {}",
                     c0.len(),
-                    k * d
+                    k * data.d
                 )));
             }
-            check_finite(c0, d, "init_centroids")?;
-            c0.to_vec()
+            check_finite(c0, data.d, "init_centroids")?;
+            Ok(c0.to_vec())
         }
-        None => initial_centroids(&data, k, init, seed),
-    };
-    let (labels, history) = lloyd(&data, &mut c, k, iters);
-    Ok(Clustering { centroids: c, labels, history })
+        None => Ok(initial_centroids(data, k, init, seed)),
+    }
 }
 
 #[cfg(test)]

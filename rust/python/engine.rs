@@ -40,6 +40,37 @@ fn labels_i64(labels: Vec<u32>) -> Vec<i64> {
     labels.into_iter().map(i64::from).collect()
 }
 
+/// `init_centroids` as an owned `k * D` vector, checked to be `[k, D]`.
+fn init_centroids_vec(c: Option<&PyReadonlyArray2<'_, f32>>, k: usize, d: usize) -> PyResult<Option<Vec<f32>>> {
+    let Some(c) = c else { return Ok(None) };
+    if c.shape() != [k, d] {
+        return Err(to_py(GsrqError::Shape(format!(
+            "init_centroids must have shape [{k}, {d}], got {:?}",
+            c.shape()
+        ))));
+    }
+    Ok(Some(contiguous(c, "init_centroids")?.to_vec()))
+}
+
+/// `(centroids f32[k, D], labels i64[N])`, plus the objective history when asked.
+fn clustering_tuple<'py>(
+    py: Python<'py>,
+    k: usize,
+    d: usize,
+    centroids: Vec<f32>,
+    labels: Vec<u32>,
+    history: Vec<f64>,
+    return_history: bool,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let c = Array2::from_shape_vec((k, d), centroids).expect("k*d").into_pyarray(py);
+    let l = Array1::from_vec(labels_i64(labels)).into_pyarray(py);
+    if return_history {
+        PyTuple::new(py, [c.into_any(), l.into_any(), PyArray1::from_vec(py, history).into_any()])
+    } else {
+        PyTuple::new(py, [c.into_any(), l.into_any()])
+    }
+}
+
 /// Returns `(centroids f32[k, D], labels i64[N])`, plus the objective
 /// history `f64[iters + 1]` when `return_history`.
 #[pyfunction]
@@ -61,18 +92,7 @@ fn kmeans<'py>(
     let (n, d) = (x.shape()[0], x.shape()[1]);
     let xs = contiguous(&x, "x")?.to_vec();
     let w = weights_vec(weights.as_ref())?;
-    let c0 = match &init_centroids {
-        None => None,
-        Some(c) => {
-            if c.shape() != [k, d] {
-                return Err(to_py(GsrqError::Shape(format!(
-                    "init_centroids must have shape [{k}, {d}], got {:?}",
-                    c.shape()
-                ))));
-            }
-            Some(contiguous(c, "init_centroids")?.to_vec())
-        }
-    };
+    let c0 = init_centroids_vec(init_centroids.as_ref(), k, d)?;
     let threads = threads_opt(threads)?;
     let res = py
         .detach(|| {
@@ -80,14 +100,7 @@ fn kmeans<'py>(
         })
         .and_then(|r| r)
         .map_err(to_py)?;
-    let c = Array2::from_shape_vec((k, d), res.centroids).expect("k*d").into_pyarray(py);
-    let l = Array1::from_vec(labels_i64(res.labels)).into_pyarray(py);
-    if return_history {
-        let h = PyArray1::from_vec(py, res.history);
-        PyTuple::new(py, [c.into_any(), l.into_any(), h.into_any()])
-    } else {
-        PyTuple::new(py, [c.into_any(), l.into_any()])
-    }
+    clustering_tuple(py, k, d, res.centroids, res.labels, res.history, return_history)
 }
 
 /// Returns `(codebook f32[k, D], labels i64[N])`, plus the objective history
@@ -113,32 +126,14 @@ fn gskm<'py>(
     let (n, d) = (x.shape()[0], x.shape()[1]);
     let xs = contiguous(&x, "x")?.to_vec();
     let w = weights_vec(weights.as_ref())?;
-    let c0 = match &init_centroids {
-        None => None,
-        Some(c) => {
-            if c.shape() != [k, d] {
-                return Err(to_py(GsrqError::Shape(format!(
-                    "init_centroids must have shape [{k}, {d}], got {:?}",
-                    c.shape()
-                ))));
-            }
-            Some(contiguous(c, "init_centroids")?.to_vec())
-        }
-    };
+    let c0 = init_centroids_vec(init_centroids.as_ref(), k, d)?;
     let threads = threads_opt(threads)?;
     let opts = GskmOptions { init_iters, iters, seed, weights_in_init_only, init };
     let res = py
         .detach(|| with_threads(threads, || gskm_rs(&xs, n, d, k, w.as_deref(), &opts, c0.as_deref())))
         .and_then(|r| r)
         .map_err(to_py)?;
-    let c = Array2::from_shape_vec((k, d), res.codebook).expect("k*d").into_pyarray(py);
-    let l = Array1::from_vec(labels_i64(res.labels)).into_pyarray(py);
-    if return_history {
-        let h = PyArray1::from_vec(py, res.history);
-        PyTuple::new(py, [c.into_any(), l.into_any(), h.into_any()])
-    } else {
-        PyTuple::new(py, [c.into_any(), l.into_any()])
-    }
+    clustering_tuple(py, k, d, res.codebook, res.labels, res.history, return_history)
 }
 
 /// Returns the codebooks `f32[stages, codebook_size, D]`.
