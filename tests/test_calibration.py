@@ -377,6 +377,11 @@ def test_config_from_args():
     assert c == GSRQConfig.from_bits(0.5, method="km", tau=2.0, grad_weights="off", per_head=True, seed=3)
     c = cal.config_from_args(parse(["--out", "x", "--D", "16", "--Kc", "64", "--M", "2", "--key-M", "3", "--value-D", "8", "--grad-weights", "init"]))
     assert c.keys == KindConfig(D=16, Kc=64, M=3) and c.values == KindConfig(D=8, Kc=64, M=2) and c.grad_weights == "init"
+    c = cal.config_from_args(parse(["--out", "x", "--key-scale", "grad", "--key-scale-power", "1"]))
+    assert c.key_scale and c.key_scale_fit == "grad" and c.key_scale_power == 1.0
+    c = cal.config_from_args(parse(["--out", "x", "--key-scale"]))
+    assert c.key_scale and c.key_scale_fit == "rms"
+    assert not cal.config_from_args(parse(["--out", "x", "--key-scale", "none"])).key_scale
     with pytest.raises(ConfigError, match="either --bits"):
         cal.config_from_args(parse(["--out", "x", "--bits", "1", "--D", "16"]))
     with pytest.raises(ConfigError, match="no preset"):

@@ -174,9 +174,11 @@ def test_rates_and_cache_bytes():
     r = rates(g, None, 1024, head_dim=64, num_kv_heads=3, sinks=4, window=0)
     assert r["code"] == 1.0
     # codes + 16-bit key norms (the preset's key_norm) + 4 exact tokens at 16 bits + codebooks shared by the
-    # KV heads (1 chunk x 8 stages x 256 x 64 x 16 bits per kind)
-    assert not g.config.per_head and g.config.key_norm
-    want = (2 * 1020 * 3 * 64 * 1 + 1020 * 3 * 16 + 2 * 4 * 3 * 64 * 16 + 2 * 8 * 256 * 64 * 16) / (2 * 1024 * 3 * 64)
+    # KV heads (1 chunk x (10 key + 6 value) stages x 256 x 64 x 16 bits) + the gradient key scale (one
+    # 16-bit row of 64 per KV head)
+    assert not g.config.per_head and g.config.key_norm and g.config.key_scale_fit == "grad"
+    want = (2 * 1020 * 3 * 64 * 1 + 1020 * 3 * 16 + 2 * 4 * 3 * 64 * 16 + 16 * 256 * 64 * 16 + 3 * 64 * 16) / (
+        2 * 1024 * 3 * 64)
     assert math.isclose(r["total"], want)
     r64 = rates(g, None, 1024, head_dim=64, num_kv_heads=3, sinks=4, window=64)
     assert r64["total"] > r["total"]

@@ -12,15 +12,21 @@ import torch
 from gsrq.attention import CompressedKV
 from gsrq.config import GSRQConfig, KindConfig
 from gsrq.errors import InvalidValueError, ShapeError
-from gsrq.levers import KeyLevers, fit_key_levers, fit_key_scale, rotation_signs
+from gsrq.levers import GRAD_SCALE_EPS, KeyLevers, fit_key_levers, fit_key_scale, fit_key_scale_grad, rotation_signs
 from gsrq.quantizer import KVQuantizer, hadamard_matrix
 from gsrq.reference import decode_attention_dequant, fused_decode_attention_ref
 
 HD = 16
 LEVERS = [
-    dict(key_rotation=r, key_scale=s, key_norm=n)
-    for r, s, n in itertools.product(("none", "hadamard", "hadamard_signs"), (False, True), (False, True))
+    dict(key_rotation=r, key_scale=s != "none", key_scale_fit="rms" if s == "none" else s, key_norm=n)
+    for r, s, n in itertools.product(("none", "hadamard", "hadamard_signs"), ("none", "rms", "grad"), (False, True))
 ]
+
+
+def _grads(x: torch.Tensor, seed: int = 11) -> torch.Tensor:
+    """Loss gradients for keys x: channel energies spread over two decades, independent of the key scales."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(x.shape, generator=g) * torch.logspace(1, -1, x.shape[-1]).roll(5)
 
 
 def _keys(n: int, heads: int = 2, seed: int = 0) -> torch.Tensor:
@@ -61,11 +67,50 @@ def test_fit_key_scale_is_channel_rms():
         fit_key_scale(torch.ones(4, HD))
 
 
+def test_fit_key_scale_grad_numpy_oracle():
+    g = _grads(_keys(400)).double().numpy()
+    e = (g**2).mean(axis=1)  # [H, hd]
+    for p in (0.5, 1.0):
+        s = fit_key_scale_grad(torch.from_numpy(e), p)
+        want = (e + GRAD_SCALE_EPS * e.mean(axis=1, keepdims=True)) ** (-p / 2)
+        want = want / np.exp(np.log(want).mean(axis=1, keepdims=True))
+        np.testing.assert_allclose(s, want.astype(np.float16).astype(np.float32), rtol=1e-6)
+        assert s.shape == e.shape and s.dtype == np.float32
+    # the channel with the most gradient energy is stretched most in the code domain y = x / scale
+    s = fit_key_scale_grad(torch.from_numpy(e))
+    assert (np.argmin(s, axis=1) == np.argmax(e, axis=1)).all()
+    # a channel without gradient is not divided by zero
+    e0 = e.copy()
+    e0[:, 2] = 0
+    assert np.isfinite(fit_key_scale_grad(torch.from_numpy(e0))).all()
+    with pytest.raises(InvalidValueError):
+        fit_key_scale_grad(np.zeros((2, HD)))
+    with pytest.raises(InvalidValueError):
+        fit_key_scale_grad(-np.ones((2, HD)))
+    with pytest.raises(ShapeError):
+        fit_key_scale_grad(np.ones(HD))
+
+
+def test_grad_key_scale_needs_gradients():
+    from gsrq.errors import ConfigError
+
+    cfg = GSRQConfig(key_scale=True, key_scale_fit="grad")
+    with pytest.raises(ConfigError, match="gradients"):
+        fit_key_levers(cfg, 0, _keys(10))
+    with pytest.raises(ConfigError, match="key_scale_fit"):
+        GSRQConfig(key_scale=True, key_scale_fit="fisher")
+    with pytest.raises(ConfigError, match="key_scale_power"):
+        GSRQConfig(key_scale=True, key_scale_fit="grad", key_scale_power=0)
+    # one 16-bit row per KV head is counted, also with shared codebooks
+    r = cfg.rate_report(1024, head_dim=64, num_kv_heads=3)
+    assert r["scales"] == pytest.approx(3 * 64 * 16 / (2 * 1024 * 3 * 64))
+
+
 @pytest.mark.parametrize("lev", LEVERS, ids=lambda d: "-".join(str(v) for v in d.values()))
 def test_code_domain_matches_quantizer_and_chain_rule(lev):
     cfg = GSRQConfig(keys=KindConfig(D=8, Kc=4, M=1), values=KindConfig(D=8, Kc=4, M=1), per_head=True, seed=5, **lev)
     x = _keys(64)
-    levers = fit_key_levers(cfg, 2, x)
+    levers = fit_key_levers(cfg, 2, x, _grads(x))
     assert levers.any == (lev["key_rotation"] != "none" or lev["key_scale"] or lev["key_norm"])
     # independent oracle of the rotation: numpy Sylvester matrix, rows times the seeded signs
     if lev["key_rotation"] != "none":
@@ -130,7 +175,7 @@ def test_lever_round_trip_and_fused_attention(lev):
     cfg = GSRQConfig(keys=KindConfig(D=8, Kc=16, M=2), values=KindConfig(D=8, Kc=16, M=2), per_head=True, seed=1, **lev)
     H, T = 2, 40
     x = _keys(T, H, seed=3)
-    levers = fit_key_levers(cfg, 0, x)
+    levers = fit_key_levers(cfg, 0, x, _grads(x))
     g = torch.Generator().manual_seed(7)
     kbooks = torch.randn(H, 2, 2, 16, 8, generator=g) * (0.3 if lev["key_norm"] else 1.0)
     kq = KVQuantizer(kbooks, cfg.keys, rotation=levers.rotation, scale=levers.scale, norm=levers.norm)
@@ -176,7 +221,10 @@ def test_norm_lever_quantizes_unit_vectors():
 
 
 @pytest.mark.parametrize("lev", [dict(key_rotation="hadamard_signs", key_scale=True, key_norm=True),
-                                 dict(key_rotation="hadamard", key_norm=True)])
+                                 dict(key_rotation="hadamard", key_norm=True),
+                                 dict(key_rotation="hadamard", key_scale=True, key_scale_fit="grad", key_norm=True),
+                                 dict(key_rotation="hadamard", key_scale=True, key_scale_fit="grad", key_norm=True,
+                                      grad_weights="off")])
 def test_calibrate_with_levers(tiny_llama, byte_tokenizer, tmp_path, lev):
     """Calibration stores the lever tensors, trains keys in the code domain, and the file serves a cache."""
     from gsrq.calibration import calibrate
@@ -201,6 +249,12 @@ def test_calibrate_with_levers(tiny_llama, byte_tokenizer, tmp_path, lev):
         assert (scale is not None) == lev.get("key_scale", False)
         q = KVQuantizer.from_codebooks(cbs, layer, "keys")
         assert q.norm and q.rotation is not None
+        if lev.get("key_scale_fit") == "grad":
+            # one row per KV head (shared codebooks), geometric mean 1 per row, folded into the query map
+            kv = tiny_llama.config.num_key_value_heads
+            assert scale.shape == (kv, hd) and (scale > 0).all()
+            np.testing.assert_allclose(np.exp(np.log(scale.astype(np.float64)).mean(axis=1)), 1.0, rtol=2e-3)
+            assert q.query_map.shape == (kv, hd, hd)
         # norm lever: the code domain is unit vectors, so stage-1 codewords have norm <= ~1
         books = cbs.codebooks(layer, "keys")
         assert np.linalg.norm(books[:, :, 0], axis=-1).max() < 1.01

@@ -325,7 +325,8 @@ def hadamard(n: int) -> np.ndarray:
     return (h / math.sqrt(n)).astype(np.float32)
 
 
-def apply_post_levers(buf: np.ndarray, scale: np.ndarray | None, norm: bool, grad: np.ndarray | None = None) -> None:
+def apply_post_levers(buf: np.ndarray, scale: np.ndarray | None, norm: bool, grad: np.ndarray | None = None,
+                      rows: np.ndarray | None = None) -> None:
     """Channel scale then unit norm of key samples, in place (the code domain of the key levers).
 
     buf: float32 ``[Hc, C, n, D]`` (rotated) key chunks; sample ``s`` of every
@@ -334,10 +335,16 @@ def apply_post_levers(buf: np.ndarray, scale: np.ndarray | None, norm: bool, gra
     None: ``y / scale``. norm: divide each head vector by
     its l2 norm. grad: the matching ``dL/dy`` ``[Hc, C, n, D]``, turned in place
     into the gradient with respect to the code-domain vector (times scale,
-    times norm).
+    times norm). rows: with pooled samples (``Hc == 1``) and one scale row per
+    KV head, the KV head ``[n]`` of every sample (which row of ``scale`` it takes).
     """
     Hc, C, n, D = buf.shape
-    if scale is not None:
+    if scale is not None and rows is not None:
+        s = scale[rows].reshape(n, C, D).transpose(1, 0, 2)[None]  # [1, C, n, D]
+        buf /= s
+        if grad is not None:
+            grad *= s
+    elif scale is not None:
         s = scale.reshape(Hc, C, 1, D)
         buf /= s
         if grad is not None:
@@ -410,6 +417,7 @@ def calibrate(
     from gsrq.codebooks import Codebooks
     from gsrq.data import token_windows
     from gsrq.engine import ResidualQuantizer, reconstruction_metrics
+    from gsrq.levers import fit_key_scale_grad
 
     t_start = time.perf_counter()
     config = GSRQConfig.from_bits(1.0) if config is None else config
@@ -454,6 +462,8 @@ def calibrate(
             )
     eval_plan = _plan(eval_w, pooled, seq_len, skip, heldout_samples, rng) if eval_w else None
     use_grad = config.grad_weights != "off"
+    grad_scale = config.key_scale and config.key_scale_fit == "grad"
+    need_grad = use_grad or grad_scale  # gradient key scales need the gradients even without gradient weights
 
     # key levers (DESIGN: rotation, then channel scale, then norm): the rotation is applied at
     # capture, scale and norm once the scale statistics of all training windows are in
@@ -468,8 +478,12 @@ def calibrate(
                 aux[f"layers.{layer}.keys.signs"] = signs
             rotations[layer] = torch.from_numpy(hadamard(hd) * signs[:, None]).to(model.device)
     post_levers = config.key_scale or config.key_norm
+    # per KV head sums of squared keys (rms fit) or of squared key gradients (grad fit)
     ssq = {layer: torch.zeros(H, hd, dtype=torch.float64) for layer in range(shape.num_layers)} if config.key_scale else {}
     ssq_count = 0
+    # the KV head of every pooled sample slot (shared codebooks), for per-KV-head scales
+    slot_heads = np.zeros(S, dtype=np.int64)
+    eslot_heads = np.zeros(eval_plan.selected.size if eval_plan is not None else 0, dtype=np.int64)
 
     # sample buffers [Hc, C, S, D] per (layer, kind); gradient chunk norms [Hc, C, S]
     # (full key gradients [Hc, C, S, D] when key scale/norm change the code domain after capture)
@@ -497,14 +511,16 @@ def calibrate(
     t0 = time.perf_counter()
     jobs = [(w, True, i) for i, w in enumerate(train_w)] + [(w, False, i) for i, w in enumerate(eval_w)]
     jobs.sort()
-    for w, is_train, ordinal in tqdm(jobs, desc="capture K/V" + (" + gradients" if use_grad else ""), unit="window", disable=not progress):
+    for w, is_train, ordinal in tqdm(jobs, desc="capture K/V" + (" + gradients" if need_grad else ""), unit="window", disable=not progress):
         ids = windows[w : w + 1]
-        grad = use_grad and is_train
+        grad = need_grad and is_train
         keys, values, kgs, vgs, loss = capture_kv(model, ids, grad=grad)
         if grad:
             losses.append(loss)
         p = plan if is_train else eval_plan
         dst, heads, pos = p.rows(ordinal)
+        if not per_head and dst.size:
+            (slot_heads if is_train else eslot_heads)[dst] = heads
         if is_train and config.key_scale:
             ssq_count += seq_len - skip
         for layer in range(shape.num_layers):
@@ -516,14 +532,16 @@ def calibrate(
                     x = x.float() @ rotations[layer]
                     g = None if g is None else g.float() @ rotations[layer]  # dL/dy = dL/dx R for y = x R
                 if is_train and kind == "keys" and config.key_scale:
-                    ssq[layer] += x[:, skip:].double().pow(2).sum(dim=1).cpu()
+                    src = g if grad_scale else x
+                    assert src is not None
+                    ssq[layer] += src[:, skip:].double().pow(2).sum(dim=1).cpu()
                 if dst.size == 0:
                     continue
                 if is_train:
                     bufs[layer, kind][:, :, dst] = _gather(x, heads, pos, per_head, D)
-                    if g is not None and kind == "keys" and post_levers:
+                    if g is not None and use_grad and kind == "keys" and post_levers:
                         gfull[layer][:, :, dst] = _gather(g, heads, pos, per_head, D)
-                    elif g is not None:
+                    elif g is not None and use_grad:
                         gbufs[layer, kind][:, :, dst] = _gather_norms(chunk_norms(g, D), heads, pos, per_head)
                 else:
                     ebufs[layer, kind][:, :, dst] = _gather(x, heads, pos, per_head, D)
@@ -541,18 +559,24 @@ def calibrate(
     for layer in range(shape.num_layers):
         if post_levers:
             scale = None
-            if config.key_scale:
+            if grad_scale:
+                # from the mean squared key gradients, one row per KV head (also with shared codebooks)
+                scale = fit_key_scale_grad(ssq[layer].numpy() / max(ssq_count, 1), config.key_scale_power)
+                aux[f"layers.{layer}.keys.scale"] = scale
+            elif config.key_scale:
                 # RMS per channel, [Hc, hd]: per KV head with per-head codebooks, pooled over heads when shared
                 sums = ssq[layer].numpy() if per_head else ssq[layer].numpy().sum(axis=0, keepdims=True)
                 scale = np.sqrt(sums / max(ssq_count * (1 if per_head else H), 1)).astype(np.float32)
                 scale = np.maximum(scale, np.float32(1e-6) * max(float(scale.max()), 1e-30))
                 aux[f"layers.{layer}.keys.scale"] = scale
+            row_heads = slot_heads if (grad_scale and not per_head) else None
             g = gfull.pop(layer, None)
-            apply_post_levers(bufs[layer, "keys"], scale, config.key_norm, g)
+            apply_post_levers(bufs[layer, "keys"], scale, config.key_norm, g, rows=row_heads)
             if g is not None:
                 gbufs[layer, "keys"] = np.linalg.norm(g, axis=-1)
             if eval_plan is not None:
-                apply_post_levers(ebufs[layer, "keys"], scale, config.key_norm)
+                apply_post_levers(ebufs[layer, "keys"], scale, config.key_norm,
+                                  rows=eslot_heads if row_heads is not None else None)
         for kind in KINDS:
             kc = config.kind(kind)
             C = hd // kc.D
@@ -671,7 +695,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--init-iters", type=int, default=None, help="GSKM spherical-initialisation iterations")
     q.add_argument("--sinks", type=int, default=None, help="leading exact tokens (also skipped in calibration windows)")
     q.add_argument("--key-rotation", choices=("none", "hadamard", "hadamard_signs"), default=None, help="key lever: rotation")
-    q.add_argument("--key-scale", action="store_true", help="key lever: per-channel scales fixed at calibration")
+    q.add_argument("--key-scale", nargs="?", const="rms", default=None, choices=("none", "rms", "grad"),
+                   help="key lever: per-channel scales fixed at calibration, fitted from the keys' RMS (rms, the "
+                        "default of a bare --key-scale) or their loss gradients (grad); none turns a preset's off")
+    q.add_argument("--key-scale-power", type=float, default=None, help="exponent p of --key-scale grad (default 0.5)")
     q.add_argument("--key-norm", action="store_true", help="key lever: quantize unit keys, store norms")
     q.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     o = parser.add_argument_group("output")
@@ -702,8 +729,12 @@ def config_from_args(args: argparse.Namespace) -> GSRQConfig:
         overrides["per_head"] = True
     if args.key_rotation is not None:
         overrides["key_rotation"] = args.key_rotation
-    if args.key_scale:
-        overrides["key_scale"] = True
+    if args.key_scale is not None:
+        overrides["key_scale"] = args.key_scale != "none"
+        if args.key_scale != "none":
+            overrides["key_scale_fit"] = args.key_scale
+    if args.key_scale_power is not None:
+        overrides["key_scale_power"] = args.key_scale_power
     if args.key_norm:
         overrides["key_norm"] = True
     if not explicit:

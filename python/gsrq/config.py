@@ -18,6 +18,7 @@ from gsrq.errors import ConfigError
 METHODS = ("gskm", "km")
 GRAD_WEIGHTS = ("all", "init", "off")
 ROTATIONS = ("none", "hadamard", "hadamard_signs")
+KEY_SCALE_FITS = ("rms", "grad")
 KINDS = ("keys", "values")
 
 
@@ -67,24 +68,27 @@ class KindConfig:
         return math.ceil(self.codes_per_token(head_dim) * self.code_bits / 8)
 
 
-# Defaults per code rate, from the ablation (docs/results/quality.md, SmolLM2-135M,
-# held-out wiki): whole-head chunks (D=64) with many stages of Kc=256 at <= 1 bit,
-# D=32 at 2 bits; keys quantized as unit vectors with a 16-bit norm (key_norm);
-# GSKM at <= 1 bit, weighted KM at 2 bits (D=32, where KM measured better).
-# Codebooks stay shared across KV heads: per-head codebooks were the strongest
-# lever per *code* bit, but they multiply the codebook memory by num_kv_heads
-# (SmolLM2 1 bit: 2.13 instead of 1.34 bits per element at 32k tokens, every bit
-# counted), and at that total rate a shared 2-bit configuration is far better.
-# Pass per_head=True where codebooks are amortised over many sequences.
+# Defaults per code rate, from the ablation under the full protocol (README "Quality per bit",
+# docs/results/quality.md; SmolLM2-135M, held-out wiki, 64k calibration tokens): whole-head
+# chunks (D=64) with many stages of Kc=256 at <= 1 bit, D=32 at 2 bits; more stages for keys
+# than for values at the same total (10/6 at 1 bit: keys move perplexity more); keys quantized
+# as unit vectors with a 16-bit norm (key_norm) after a per-KV-head channel scale fitted from
+# the keys' loss gradients (key_scale_fit="grad", folded into the query by the fused kernel);
+# GSKM at <= 1 bit, weighted KM at 2 bits (D=32, where KM measured better); 98304 calibration
+# samples per codebook (more data was one of the strongest levers).
+# Codebooks stay shared across KV heads: per-head codebooks are strong per *code* bit but
+# multiply the codebook memory by num_kv_heads. Pass per_head=True where codebooks are
+# amortised over many sequences.
 # 0.75 and 0.375 bits were not measured: they follow the measured rates' pattern.
 # D=64 chunks need head_dim % 64 == 0 (SmolLM2: 64, LLaMA-3-8B: 128).
+_LEVERS: dict[str, Any] = {"key_norm": True, "key_scale": True, "key_scale_fit": "grad"}
 _FROM_BITS: dict[float, dict[str, Any]] = {
-    2.0: {"keys": KindConfig(D=32, Kc=256, M=8), "values": KindConfig(D=32, Kc=256, M=8), "key_norm": True,
-          "method": "km"},
-    1.0: {"keys": KindConfig(D=64, Kc=256, M=8), "values": KindConfig(D=64, Kc=256, M=8), "key_norm": True},
-    0.75: {"keys": KindConfig(D=64, Kc=256, M=6), "values": KindConfig(D=64, Kc=256, M=6), "key_norm": True},
-    0.5: {"keys": KindConfig(D=64, Kc=256, M=4), "values": KindConfig(D=64, Kc=256, M=4), "key_norm": True},
-    0.375: {"keys": KindConfig(D=64, Kc=256, M=3), "values": KindConfig(D=64, Kc=256, M=3), "key_norm": True},
+    2.0: {"keys": KindConfig(D=32, Kc=256, M=10), "values": KindConfig(D=32, Kc=256, M=6), "method": "km",
+          **_LEVERS},
+    1.0: {"keys": KindConfig(D=64, Kc=256, M=10), "values": KindConfig(D=64, Kc=256, M=6), **_LEVERS},
+    0.75: {"keys": KindConfig(D=64, Kc=256, M=8), "values": KindConfig(D=64, Kc=256, M=4), **_LEVERS},
+    0.5: {"keys": KindConfig(D=64, Kc=256, M=5), "values": KindConfig(D=64, Kc=256, M=3), **_LEVERS},
+    0.375: {"keys": KindConfig(D=64, Kc=256, M=4), "values": KindConfig(D=64, Kc=256, M=2), **_LEVERS},
 }
 
 
@@ -110,6 +114,13 @@ class GSRQConfig:
     key_rotation: fixed orthogonal rotation of each key head vector before
         quantization (``"hadamard"``, ``"hadamard_signs"`` or ``"none"``).
     key_scale: per-channel key scales fixed at calibration.
+    key_scale_fit: how the key scales are fitted: ``"rms"`` (the channel's
+        root-mean-square over the calibration keys, pooled over heads with
+        shared codebooks) or ``"grad"`` (from the loss gradients of the keys,
+        one row per KV head: the code domain is ``y = x * E[g^2]^(p/2)``, so
+        channels the loss is sensitive to get a larger share of the error
+        budget; ``p`` = ``key_scale_power``).
+    key_scale_power: the exponent ``p`` of ``key_scale_fit="grad"``.
     key_norm: store each key's l2 norm in 16 bits and quantize the unit vector.
     """
 
@@ -124,11 +135,13 @@ class GSRQConfig:
     seed: int = 0
     init_iters: int = 20
     iters: int = 10
-    max_samples: int = 65536
+    max_samples: int = 98304
     beam: int = 1
     key_rotation: str = "none"
     key_scale: bool = False
     key_norm: bool = False
+    key_scale_fit: str = "rms"
+    key_scale_power: float = 0.5
 
     def __post_init__(self) -> None:
         if not isinstance(self.keys, KindConfig) or not isinstance(self.values, KindConfig):
@@ -139,6 +152,11 @@ class GSRQConfig:
             raise ConfigError(f"grad_weights must be one of {GRAD_WEIGHTS}, got {self.grad_weights!r}")
         if self.key_rotation not in ROTATIONS:
             raise ConfigError(f"key_rotation must be one of {ROTATIONS}, got {self.key_rotation!r}")
+        if self.key_scale_fit not in KEY_SCALE_FITS:
+            raise ConfigError(f"key_scale_fit must be one of {KEY_SCALE_FITS}, got {self.key_scale_fit!r}")
+        p = self.key_scale_power
+        if not (isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and p > 0):
+            raise ConfigError(f"key_scale_power must be a finite positive number, got {p!r}")
         if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau > 0):
             raise ConfigError(f"tau must be a finite positive number, got {self.tau!r}")
         for name in ("sinks", "window", "seed"):
@@ -245,11 +263,15 @@ class GSRQConfig:
         if self.key_norm:
             parts["norms"] += coded * num_kv_heads * 16
         if self.key_scale:
-            parts["scales"] += heads_with_books * head_dim * 16
+            parts["scales"] += self.key_scale_rows(num_kv_heads) * head_dim * 16
         out = {k: v / elements for k, v in parts.items()}
         out["total"] = sum(out.values())
         out["total_without_overhead"] = out["codes"] * context_len / max(coded, 1) if coded else 0.0
         return out
+
+    def key_scale_rows(self, num_kv_heads: int) -> int:
+        """Rows of the fitted key scale: one per KV head (``grad`` fit or per-head codebooks), else 1."""
+        return num_kv_heads if (self.per_head or self.key_scale_fit == "grad") else 1
 
     # ---------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:

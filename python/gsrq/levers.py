@@ -8,10 +8,14 @@ this order before residual quantization:
    ``[hd]`` are drawn from the configuration seed and the layer
    (:func:`rotation_signs`, the same draw as :func:`gsrq.calibration.calibrate`)
    and stored as ``layers.{l}.keys.signs``;
-2. per-channel scale ``y = y / scale``: ``scale`` float32 ``[Hkv, hd]`` is the
+2. per-channel scale ``y = y / scale``, stored as ``layers.{l}.keys.scale``:
+   ``key_scale_fit="rms"``: ``scale`` float32 ``[Hkv, hd]`` is the
    root-mean-square of each rotated channel of each KV head over the
-   calibration keys (one row per KV head, also when codebooks are shared),
-   stored as ``layers.{l}.keys.scale`` (:func:`fit_key_scale`);
+   calibration keys (:func:`fit_key_scale`); ``key_scale_fit="grad"``:
+   ``scale = E[g^2]^(-p/2)`` from the loss gradients ``g`` of the rotated keys,
+   per KV head and channel (:func:`fit_key_scale_grad`), so the code domain is
+   ``y = x * E[g^2]^(p/2)``: channels whose errors move the loss more are
+   stretched and get a larger share of the codebooks' accuracy;
 3. norm: the unit vector ``y / ||y||`` is quantized, ``||y||`` kept in float16.
 
 All three are linear maps of the key (or a per-token scalar), so attention
@@ -43,10 +47,12 @@ from gsrq.config import GSRQConfig
 from gsrq.errors import ConfigError, InvalidValueError, ShapeError
 from gsrq.quantizer import hadamard_matrix
 
-__all__ = ["KeyLevers", "fit_key_levers", "fit_key_scale", "rotation_signs"]
+__all__ = ["KeyLevers", "fit_key_levers", "fit_key_scale", "fit_key_scale_grad", "rotation_signs"]
 
 #: floor of a fitted channel scale, relative to the largest channel RMS of the layer
 SCALE_FLOOR = 1e-6
+#: added to every channel's mean squared gradient, relative to the head's mean over channels
+GRAD_SCALE_EPS = 1e-3
 
 
 def rotation_signs(seed: int, layer: int, head_dim: int) -> np.ndarray:
@@ -77,6 +83,31 @@ def fit_key_scale(y: np.ndarray | torch.Tensor) -> np.ndarray:
         raise InvalidValueError("cannot fit key scales: the keys are all zero")
     # rounded to float16, the precision a codebook file stores them in
     return torch.maximum(rms, top * SCALE_FLOOR).to(torch.float16).to(torch.float32).numpy()
+
+
+def fit_key_scale_grad(sq_grad: np.ndarray | torch.Tensor, power: float = 0.5) -> np.ndarray:
+    """Per-channel key scales from gradient energy: ``[Hkv, hd]`` mean ``g^2`` -> float32 ``[Hkv, hd]``.
+
+    ``sq_grad`` holds the mean squared loss gradient of each (rotated) key
+    channel of each KV head over the calibration tokens. The scale is
+    ``(e + GRAD_SCALE_EPS * mean_c e)^(-power/2)``, normalised to a geometric
+    mean of 1 per KV head and rounded to float16 values (the stored
+    precision): ``y = x / scale`` multiplies channel ``c`` by
+    ``E[g_c^2]^(power/2)``.
+    """
+    e = torch.as_tensor(sq_grad).to(torch.float64)
+    if e.dim() != 2 or e.shape[1] < 1:
+        raise ShapeError(f"mean squared gradients must have shape [Hkv, hd], got {list(e.shape)}")
+    if not bool(torch.isfinite(e).all()) or bool((e < 0).any()):
+        raise InvalidValueError("mean squared gradients must be finite and non-negative")
+    if not (isinstance(power, (int, float)) and power > 0):
+        raise InvalidValueError(f"power must be a positive number, got {power!r}")
+    m = e.mean(dim=1, keepdim=True)
+    if not bool((m > 0).all()):
+        raise InvalidValueError("cannot fit gradient key scales: a KV head has all-zero key gradients")
+    s = (e + GRAD_SCALE_EPS * m).pow(-float(power) / 2)
+    s = s / s.log().mean(dim=1, keepdim=True).exp()
+    return s.to(torch.float16).to(torch.float32).numpy()
 
 
 @dataclass
@@ -140,11 +171,13 @@ class KeyLevers:
         return y, gy, norms
 
 
-def fit_key_levers(config: GSRQConfig, layer: int, keys: Any) -> KeyLevers:
+def fit_key_levers(config: GSRQConfig, layer: int, keys: Any, grads: Any = None) -> KeyLevers:
     """Fit the key levers of ``config`` for ``layer`` from calibration keys float ``[Hkv, N, hd]``.
 
     The rotation needs no data (signs come from ``config.seed``); the scale is
-    the channel RMS of each KV head after the rotation.
+    the channel RMS of each KV head after the rotation (``key_scale_fit="rms"``)
+    or comes from the keys' loss gradients ``grads`` ``[Hkv, N, hd]``
+    (``"grad"``), also after the rotation.
     """
     if not isinstance(config, GSRQConfig):
         raise ConfigError(f"config must be a GSRQConfig, got {type(config).__name__}")
@@ -158,7 +191,15 @@ def fit_key_levers(config: GSRQConfig, layer: int, keys: Any) -> KeyLevers:
             signs = rotation_signs(config.seed, layer, hd)
         rotation = hadamard_matrix(hd, None if signs is None else torch.from_numpy(signs))
     scale = None
-    if config.key_scale:
+    if config.key_scale and config.key_scale_fit == "grad":
+        if grads is None:
+            raise ConfigError('key_scale_fit="grad" needs the keys\' loss gradients')
+        g = torch.as_tensor(grads).to(torch.float32)
+        if g.shape != x.shape:
+            raise ShapeError(f"gradients have shape {list(g.shape)}, keys {list(x.shape)}")
+        g = g if rotation is None else g @ rotation
+        scale = fit_key_scale_grad(g.double().pow(2).mean(dim=1), config.key_scale_power)
+    elif config.key_scale:
         y = x if rotation is None else x @ rotation
         scale = fit_key_scale(y)
     return KeyLevers(rotation, signs, scale, bool(config.key_norm))

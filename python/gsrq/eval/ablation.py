@@ -171,7 +171,7 @@ def train_quantizers(config: GSRQConfig, cap: Capture, *, threads: int | None = 
             C = kc.chunks(hd)
             x = torch.from_numpy(cap.x[layer, kind]).permute(1, 0, 2)  # [H, N, hd]
             g = torch.from_numpy(cap.g[layer, kind]).permute(1, 0, 2)
-            levers = fit_key_levers(config, layer, x) if kind == "keys" else KeyLevers(None, None, None, False)
+            levers = fit_key_levers(config, layer, x, g) if kind == "keys" else KeyLevers(None, None, None, False)
             y, gy, _ = levers.to_code_domain(x, g)  # code domain, per KV head
             assert gy is not None
             if not config.per_head:
@@ -261,6 +261,38 @@ def grid(max_samples: int) -> dict[str, GSRQConfig]:
     g["2b perhead+norm"] = _cfg((32, 8), per_head=True, key_norm=True, **base)
     g["2b norm"] = _cfg((32, 8), key_norm=True, **base)
     g["2b perhead+norm km"] = _cfg((32, 8), per_head=True, key_norm=True, method="km", **base)
+    g["1b norm samples x3"] = _cfg((64, 8), key_norm=True, max_samples=3 * max_samples)
+    g["1b norm beam4"] = _cfg((64, 8), key_norm=True, beam=4, **base)
+    g["1b norm K10/V6"] = _cfg((64, 10), (64, 6), key_norm=True, **base)
+    g["1b norm K10/V6 samples x3"] = _cfg((64, 10), (64, 6), key_norm=True, max_samples=3 * max_samples)
+    g["1b norm K10/V6 samples x3 beam4"] = _cfg((64, 10), (64, 6), key_norm=True, beam=4,
+                                                max_samples=3 * max_samples)
+    g["1b norm K10/V6 samples x3 km"] = _cfg((64, 10), (64, 6), key_norm=True, method="km",
+                                             max_samples=3 * max_samples)
+    gs = dict(key_norm=True, key_scale=True, key_scale_fit="grad")
+    g["1b norm gradscale"] = _cfg((64, 8), **gs, **base)
+    g["1b norm gradscale p=1"] = _cfg((64, 8), **gs, key_scale_power=1.0, **base)
+    g["1b norm gradscale p=0.25"] = _cfg((64, 8), **gs, key_scale_power=0.25, **base)
+    g["1b norm K10/V6 gradscale"] = _cfg((64, 10), (64, 6), **gs, **base)
+    g["1b norm K10/V6 gradscale samples x3"] = _cfg((64, 10), (64, 6), **gs, max_samples=3 * max_samples)
+    g["1b norm K10/V6 gradscale samples x3 beam4"] = _cfg((64, 10), (64, 6), **gs, beam=4,
+                                                          max_samples=3 * max_samples)
+    g["1b norm K10/V6 gradscale samples x3 km"] = _cfg((64, 10), (64, 6), **gs, method="km",
+                                                       max_samples=3 * max_samples)
+    g["0.5b norm K5/V3 gradscale samples x3"] = _cfg((64, 5), (64, 3), **gs, max_samples=3 * max_samples)
+    g["2b norm K10/V6 km gradscale samples x3"] = _cfg((32, 10), (32, 6), **gs, method="km",
+                                                       max_samples=3 * max_samples)
+    g["0.5b norm"] = _cfg((64, 4), key_norm=True, **base)
+    g["0.5b norm K5/V3"] = _cfg((64, 5), (64, 3), key_norm=True, **base)
+    g["0.5b norm K5/V3 samples x3"] = _cfg((64, 5), (64, 3), key_norm=True, max_samples=3 * max_samples)
+    g["0.5b norm K5/V3 samples x3 beam4"] = _cfg((64, 5), (64, 3), key_norm=True, beam=4,
+                                                 max_samples=3 * max_samples)
+    g["2b norm km"] = _cfg((32, 8), key_norm=True, method="km", **base)
+    g["2b norm K10/V6 km"] = _cfg((32, 10), (32, 6), key_norm=True, method="km", **base)
+    g["2b norm K10/V6 km samples x3"] = _cfg((32, 10), (32, 6), key_norm=True, method="km",
+                                             max_samples=3 * max_samples)
+    g["2b norm K10/V6 km samples x3 beam4"] = _cfg((32, 10), (32, 6), key_norm=True, method="km", beam=4,
+                                                   max_samples=3 * max_samples)
     # 0.5 bit
     g["0.5b D32/M2"] = _cfg((32, 2), **base)
     g["0.5b D64/M4"] = _cfg((64, 4), **base)
@@ -279,7 +311,7 @@ def levers_label(c: GSRQConfig) -> str:
     if c.key_rotation != "none":
         parts.append(c.key_rotation)
     if c.key_scale:
-        parts.append("scale")
+        parts.append("scale" if c.key_scale_fit == "rms" else f"gradscale^{c.key_scale_power:g}")
     if c.key_norm:
         parts.append("norm")
     return "+".join(parts) or "-"

@@ -43,6 +43,8 @@ _FIELD_TYPES: dict[str, type] = {
     "seed": int,
     "key_rotation": str,
     "key_scale": bool,
+    "key_scale_fit": str,
+    "key_scale_power": float,
     "key_norm": bool,
 }
 
