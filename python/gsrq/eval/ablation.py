@@ -376,8 +376,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=1024, help="tokens per eval window (default 1024)")
     p.add_argument("--exact-windows", default="0,64", help="exact sliding windows to evaluate (default 0,64)")
     p.add_argument("--capture-windows", type=int, default=64, help="calibration windows captured (default 64: 64k tokens)")
-    p.add_argument("--per-window", type=int, default=256, help="token positions kept per captured window")
-    p.add_argument("--max-samples", type=int, default=8192, help="training samples per codebook")
+    p.add_argument("--per-window", type=int, default=512, help="token positions kept per captured window (default 512)")
+    p.add_argument("--max-samples", type=int, default=32768,
+                   help="training samples per codebook (default 32768; \"samples x3\" rows use three times this)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--results", default=None, help="JSON-lines results file (default under ~/.cache/gsrq/ablation)")
     p.add_argument("--markdown", default=None, help="also write the table to this markdown file")
