@@ -68,7 +68,7 @@ class KindConfig:
         return math.ceil(self.codes_per_token(head_dim) * self.code_bits / 8)
 
 
-# Defaults per code rate, from the ablation under the full protocol (README "Quality per bit",
+# Defaults per code rate, from the ablation under the full protocol (README "Quality",
 # docs/results/quality.md; SmolLM2-135M, held-out wiki, 64k calibration tokens): whole-head
 # chunks (D=64) with many stages of Kc=256 at <= 1 bit, D=32 at 2 bits; more stages for keys
 # than for values at the same total (10/6 at 1 bit: keys move perplexity more); keys quantized
