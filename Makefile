@@ -55,11 +55,12 @@ bench-rust:
 	cargo bench --bench pack --bench train
 
 # The wheel carries the extension and the CUDA fatbins (build.rs runs
-# cuda/build.py); fail if the kernels did not make it in.
+# cuda/build.py); cuda/check_wheel.py fails unless every cuda/*.cu is in it as
+# a fatbin built from this checkout, for every shipped architecture.
 wheel: setup
 	rm -f dist/gsrq-*.whl
 	$(PY) -m pip wheel -q --no-deps -w dist .
-	@$(PY) -c "import glob, sys, zipfile; w = sorted(glob.glob('dist/gsrq-*.whl'))[-1]; n = zipfile.ZipFile(w).namelist(); k = [x for x in n if x.startswith('gsrq/_kernels/')]; print(w, *k, sep='\n  '); sys.exit(0 if 'gsrq/_kernels/manifest.json' in k and len(k) >= 4 else 'wheel lacks the CUDA kernels')"
+	$(PY) cuda/check_wheel.py --require-cuobjdump $$(ls dist/gsrq-*.whl)
 
 clean:
 	rm -rf target dist build python/gsrq/_kernels $(EXT)

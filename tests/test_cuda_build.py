@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from gsrq import kernels
-from gsrq.errors import KernelUnavailableError
+from gsrq.errors import KernelUnavailableError, ShapeError
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_KERNELS = {
@@ -44,14 +44,19 @@ EXPECTED_KERNELS = {
 SHIPPED_ARCHS = ["sm_80", "sm_86", "sm_89", "sm_90", "compute_90"]
 
 
-def _build_module():
-    spec = importlib.util.spec_from_file_location("gsrq_cuda_build", ROOT / "cuda" / "build.py")
+def _load(name: str, file: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "cuda" / file)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
+def _build_module():
+    return _load("gsrq_cuda_build", "build.py")
+
+
 build = _build_module()
+check = _load("gsrq_cuda_check_wheel", "check_wheel.py")
 
 
 def _nvcc_or_skip():
@@ -62,16 +67,20 @@ def _nvcc_or_skip():
 
 
 def find_cuobjdump() -> str | None:
-    """cuobjdump from PATH, the CUDA wheels or triton's bundled toolkit."""
-    w = shutil.which("cuobjdump")
+    """cuobjdump from PATH, the CUDA wheels (nvidia-cuda-cuobjdump, in requirements-dev) or triton's toolkit."""
+    w = check.find_cuobjdump()
     if w:
         return w
     for entry in sys.path:
-        for pattern in ("nvidia/cu*/bin/cuobjdump", "nvidia/cuda_cuobjdump/bin/cuobjdump", "triton/backends/nvidia/bin/cuobjdump"):
-            hits = glob.glob(os.path.join(entry, pattern))
-            if hits:
-                return hits[0]
+        hits = glob.glob(os.path.join(entry, "triton/backends/nvidia/bin/cuobjdump"))
+        if hits:
+            return hits[0]
     return None
+
+
+def test_every_cu_source_is_built():
+    """The build covers every cuda/*.cu: the expected list below is the source directory's, not a hand-kept one."""
+    assert {p.stem + ".fatbin" for p in (ROOT / "cuda").glob("*.cu")} == set(EXPECTED_KERNELS)
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +135,7 @@ def test_cuobjdump_lists_sass_and_symbols(small_build):
         listing = subprocess.run([tool, "-lelf", "-lptx", str(out / e["file"])], capture_output=True, text=True, check=True).stdout
         assert "sm_90.cubin" in listing and "sm_90.ptx" in listing
         syms = subprocess.run([tool, "-symbols", str(out / e["file"])], capture_output=True, text=True, check=True).stdout
-        entries = sorted({line.split()[-1] for line in syms.splitlines() if "STO_ENTRY" in line})
-        assert entries == e["kernels"]
+        assert check.entry_symbols(syms) == e["kernels"]
 
 
 def test_parse_archs():
@@ -203,3 +211,77 @@ def test_info_without_gpu(monkeypatch, small_build, capsys):
     assert rep["gpu"] is None and all(f["sha256_ok"] and not f["loaded"] for f in rep["fatbins"])
     assert kernels.run(parser.parse_args(["--json"])) == 0
     assert json.loads(capsys.readouterr().out)["kernel_dir"] == str(out)
+
+
+def _wheel(path: Path, kernel_dir: Path, *, drop: str | None = None, extra: dict[str, bytes] | None = None,
+           ext: bool = True, manifest: dict | None = None) -> Path:
+    """A wheel-shaped zip holding the kernel directory (optionally altered)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        if ext:
+            zf.writestr("gsrq/_gsrq.abi3.so", b"\x7fELF")
+        for f in sorted(kernel_dir.iterdir()):
+            if f.name == drop or f.name.startswith("."):
+                continue
+            data = json.dumps(manifest).encode() if (f.name == "manifest.json" and manifest is not None) else f.read_bytes()
+            zf.writestr(f"gsrq/_kernels/{f.name}", data)
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_check_wheel_accepts_a_complete_wheel_and_names_each_defect(small_build, tmp_path):
+    out, manifest = small_build
+    assert check.check_wheel(_wheel(tmp_path / "ok.whl", out), [90]) == []
+    # the shipped architectures are not in a sm_90-only build
+    assert any("archs" in p for p in check.check_wheel(tmp_path / "ok.whl", [80, 86, 89, 90]))
+    probs = check.check_wheel(_wheel(tmp_path / "a.whl", out, drop="encode.fatbin"), [90])
+    assert any("encode.fatbin (from cuda/encode.cu) is not in the wheel" in p for p in probs)
+    probs = check.check_wheel(_wheel(tmp_path / "b.whl", out, ext=False), [90])
+    assert probs == ["no Rust extension gsrq/_gsrq*.so in the wheel"]
+    probs = check.check_wheel(_wheel(tmp_path / "c.whl", out, drop="manifest.json"), [90])
+    assert any("manifest.json" in p for p in probs)
+    probs = check.check_wheel(_wheel(tmp_path / "d.whl", out, extra={"gsrq/_kernels/old.fatbin": b"x"}), [90])
+    assert any("old.fatbin is in the wheel but no cuda/*.cu produces it" in p for p in probs)
+    stale = json.loads(json.dumps(manifest))
+    stale["fatbins"][0]["source_hash"] = "0" * 64
+    probs = check.check_wheel(_wheel(tmp_path / "e.whl", out, manifest=stale), [90])
+    assert probs == [f"{stale['fatbins'][0]['file']}: built from another version of cuda/{stale['fatbins'][0]['source']}, "
+                     "its headers or flags (stale)"]
+    fewer = json.loads(json.dumps(manifest))
+    fewer["fatbins"][1]["kernels"] = fewer["fatbins"][1]["kernels"][:1]
+    probs = check.check_wheel(_wheel(tmp_path / "f.whl", out, manifest=fewer), [90])
+    assert any("PTX entries" in p for p in probs)
+    # corrupted bytes: the sha256 check fails, whatever else does
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    fat = bad / "unpack.fatbin"
+    fat.write_bytes(fat.read_bytes()[:-5] + b"xxxxx")
+    probs = check.check_wheel(_wheel(tmp_path / "g.whl", bad), [90], use_cuobjdump=False)
+    assert probs == ["unpack.fatbin: bytes in the wheel do not match the manifest's sha256/size"]
+    assert "not a readable wheel" in check.check_wheel(tmp_path / "missing.whl", [90])[0]
+
+
+def test_check_wheel_cli(small_build, tmp_path, capsys):
+    out, _ = small_build
+    good = _wheel(tmp_path / "ok.whl", out)
+    assert check.main([str(good), "--archs", "90"]) == 0
+    assert "one per cuda/*.cu" in capsys.readouterr().out
+    assert check.main([str(_wheel(tmp_path / "x.whl", out, drop="unpack.fatbin")), "--archs", "90"]) == 1
+    assert "unpack.fatbin (from cuda/unpack.cu) is not in the wheel" in capsys.readouterr().err
+
+
+def test_codebook_layout():
+    """The one shape check of codebooks + code width shared by the encode launcher and decode attention."""
+    books = torch.zeros(1, 2, 3, 256, 32)
+    assert kernels.codebook_layout(books, 4, 64, None) == (1, 2, 3, 256, 32, 8, 6)
+    assert kernels.codebook_layout(torch.zeros(4, 1, 5, 1000, 64), 4, 64, 12)[-2:] == (12, (5 * 12 + 7) // 8)
+    for args, match in [((torch.zeros(2, 2, 3, 256, 32), 4, 64, None), "2 heads"),
+                        ((books, 4, 128, None), "C\\*D=64"),
+                        ((books, 4, 64, 7), "bits=7 cannot hold codes of Kc=256"),
+                        ((books, 4, 64, 17), "bits=17"),
+                        ((books, 4, 64, True), "bits=True"),
+                        ((torch.zeros(2, 3, 256, 32), 4, 64, None), "must be \\[H, C, M, Kc, D\\]")]:
+        with pytest.raises(ShapeError, match=match):
+            kernels.codebook_layout(*args)

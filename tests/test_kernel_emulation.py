@@ -41,6 +41,11 @@ SMEM_TYPE = {"decode_attention": "float", "encode": "unsigned char", "unpack": N
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
 
 
+def test_every_cu_source_is_emulated():
+    """A new cuda/*.cu cannot slip past the emulation: SMEM_TYPE must name every source."""
+    assert set(SMEM_TYPE) == {p.stem for p in (ROOT / "cuda").glob("*.cu")}
+
+
 def _kernel_names(src: str) -> list[str]:
     names = re.findall(r'extern "C" __global__ void(?: __launch_bounds__\([^)]*\))? (gsrq_\w+)\(', src)
     names += re.findall(r"^GSRQ_\w+\((gsrq_\w+),", src, flags=re.M)

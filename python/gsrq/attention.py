@@ -91,6 +91,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def validate_decode_inputs(q: torch.Tensor, ckv: CompressedKV) -> None:
     """Raise :class:`gsrq.errors.ShapeError` naming the first inconsistent field."""
     from gsrq.errors import ShapeError
+    from gsrq.kernels import codebook_layout
 
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ShapeError(f"q must be a [batch, q_heads, head_dim] tensor, got {getattr(q, 'shape', type(q))}")
@@ -124,17 +125,11 @@ def validate_decode_inputs(q: torch.Tensor, ckv: CompressedKV) -> None:
             raise ShapeError(f"{kind}_codes must be uint8 [B, Hkv, Tc, R], got {codes.dtype} {tuple(codes.shape)}")
         if codes.shape[:3] != (B, Hkv, Tc):
             raise ShapeError(f"{kind}_codes must be [{B}, {Hkv}, {Tc}, R], got {tuple(codes.shape)}")
-        if books.dim() != 5 or books.dtype not in _FLOAT_DTYPES:
+        if books.dtype not in _FLOAT_DTYPES:
             raise ShapeError(f"{kind}_codebooks must be float [H, C, M, Kc, D], got {books.dtype} {tuple(books.shape)}")
-        H, C, M, Kc, D = books.shape
-        if H not in (1, Hkv):
-            raise ShapeError(f"{kind}_codebooks have {H} heads, expected 1 or {Hkv}")
-        if C * D != hd:
-            raise ShapeError(f"{kind}_codebooks cover C*D={C * D} channels, head_dim is {hd}")
-        need = max(1, (Kc - 1).bit_length())
-        if not isinstance(bits, int) or not need <= bits <= 16:
-            raise ShapeError(f"{kind}_bits={bits!r} cannot hold codes of Kc={Kc} (need {need}..=16)")
-        R = (C * M * bits + 7) // 8
+        if bits is None:
+            raise ShapeError(f"{kind}_bits must be an int, got None")
+        *_, R = codebook_layout(books, Hkv, hd, bits, f"{kind}_codebooks", f"{kind}_bits")
         if codes.shape[3] != R:
             raise ShapeError(f"{kind}_codes rows hold {codes.shape[3]} bytes, C*M*bits needs {R}")
         if codes.device != q.device or books.device != q.device:

@@ -819,18 +819,15 @@ class GSRQCache(Cache):
             check(model_config)
         cfg: GSRQConfig = codebooks.config
         cfg.validate_for(shapes["head_dim"], shapes["num_kv_heads"])
-        kq = [
-            KVQuantizer.from_codebooks(
-                codebooks, layer, "keys", device, engine=engine, threads=threads, check_values=check_values
-            )
-            for layer in range(shapes["num_layers"])
-        ]
-        vq = [
-            KVQuantizer.from_codebooks(
-                codebooks, layer, "values", device, engine=engine, threads=threads, check_values=check_values
-            )
-            for layer in range(shapes["num_layers"])
-        ]
+        kq, vq = (
+            [
+                KVQuantizer.from_codebooks(
+                    codebooks, layer, kind, device, engine=engine, threads=threads, check_values=check_values
+                )
+                for layer in range(shapes["num_layers"])
+            ]
+            for kind in ("keys", "values")
+        )
         return cls(
             kq,
             vq,

@@ -57,6 +57,28 @@ def load_manifest(directory: Path | None = None) -> dict[str, Any]:
     return manifest
 
 
+def codebook_layout(books: Any, num_kv_heads: int, head_dim: int, bits: Any, name: str = "codebooks",
+                    bits_name: str = "bits") -> tuple[int, ...]:
+    """Check codebooks ``[H, C, M, Kc, D]`` against ``num_kv_heads`` / ``head_dim`` and a code width.
+
+    ``bits`` None picks the narrowest width that holds ``Kc`` codes. Returns
+    ``(H, C, M, Kc, D, bits, R)`` with ``R = ceil(C*M*bits/8)`` packed bytes per
+    row; raises :class:`ShapeError` naming ``name`` (or ``bits_name``) otherwise.
+    """
+    if books.dim() != 5:
+        raise ShapeError(f"{name} must be [H, C, M, Kc, D], got shape {tuple(books.shape)}")
+    H, C, M, Kc, D = (int(v) for v in books.shape)
+    if H not in (1, num_kv_heads):
+        raise ShapeError(f"{name} have {H} heads; expected 1 or {num_kv_heads} (the KV heads)")
+    if C * D != head_dim:
+        raise ShapeError(f"{name} cover C*D={C * D} channels, head_dim is {head_dim}")
+    need = max(1, (Kc - 1).bit_length())
+    bits = need if bits is None else bits
+    if isinstance(bits, bool) or not isinstance(bits, int) or not need <= bits <= 16:
+        raise ShapeError(f"{bits_name}={bits!r} cannot hold codes of Kc={Kc} (need {need}..=16)")
+    return H, C, M, Kc, D, bits, (C * M * bits + 7) // 8
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -397,21 +419,11 @@ def rq_encode_cuda(
     _check_cuda_tensor("codebooks", codebooks)
     if x.dim() != 3:
         raise ShapeError(f"x must be [N, Hkv, head_dim], got shape {tuple(x.shape)}")
-    if codebooks.dim() != 5:
-        raise ShapeError(f"codebooks must be [H, C, M, Kc, D], got shape {tuple(codebooks.shape)}")
     name = _ENCODE_KERNELS.get(str(x.dtype).removeprefix("torch."))
     if name is None:
         raise ShapeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     N, Hkv, hd = x.shape
-    H, C, M, Kc, D = codebooks.shape
-    if H not in (1, Hkv):
-        raise ShapeError(f"codebooks have {H} heads; expected 1 or {Hkv} (x has {Hkv} KV heads)")
-    if C * D != hd:
-        raise ShapeError(f"codebooks cover C*D={C * D} channels, x has head_dim {hd}")
-    need_bits = max(1, (Kc - 1).bit_length())
-    bits = need_bits if bits is None else int(bits)
-    if not need_bits <= bits <= 16:
-        raise ShapeError(f"bits={bits} cannot hold codes of Kc={Kc} (need {need_bits}..=16)")
+    H, C, M, Kc, D, bits, R = codebook_layout(codebooks, Hkv, hd, None if bits is None else int(bits))
     if variant not in ("auto", "tiled", "rows"):
         raise ShapeError(f"variant must be 'auto', 'tiled' or 'rows', got {variant!r}")
     tpw = encode_plan(D, C * M)
@@ -419,7 +431,6 @@ def rq_encode_cuda(
         variant = "rows" if N * Hkv <= ROWS_KERNEL_MAX or tpw is None else "tiled"
     if variant == "tiled" and tpw is None:
         raise KernelUnavailableError(f"encode kernel: D={D}, C*M={C * M} do not fit in shared memory")
-    R = (C * M * bits + 7) // 8
     out = torch.empty(N, Hkv, R, dtype=torch.uint8, device=x.device)
     if N == 0:
         return out
